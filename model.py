@@ -1,0 +1,354 @@
+"""
+A Llama-style decoder (as in Skywork-13B: pre-norm RMSNorm, RoPE, SwiGLU, no biases, untied
+embeddings) whose feed-forward layers can be Mixture-of-Experts layers (Skywork-MoE, section 2).
+
+Read top to bottom: config, the dense pieces (RMSNorm, rotary attention, SwiGLU MLP), the experts and
+the MoE layer (router -> dispatch -> experts -> combine), the Block, the GPT, and its accounting.
+
+    python model.py config/skywork_moe.toml     # print total / active parameter counts (meta device)
+
+Shape legend: B batch, L sequence, D model dim, T = B*L tokens, E experts, K top-k, F expert hidden,
+N kept (token, expert) slots; see router.py for the routing tensors.
+"""
+import math
+import sys
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from router import RouterOutput, Router
+
+# -----------------------------------------------------------------------------
+# config
+
+@dataclass
+class ModelConfig:
+    # the defaults are the tiny CPU model of the quick start (config/shakespeare_char.toml)
+    vocab_size: int = 65           # set from the dataset's meta.json by train.py
+    block_size: int = 64           # context length
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 0             # grouped-query attention: 0 means n_head (plain multi-head)
+    n_embd: int = 128
+    ffn_hidden: int = 0            # dense SwiGLU hidden size; 0 means 8/3 * n_embd rounded to 64
+    dropout: float = 0.0
+    norm_eps: float = 1e-6         # RMSNorm eps (Skywork: 1e-6)
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False   # Skywork and Llama: untied; some small Llama-format models tie
+    init_std: float = 0.02         # Skywork-MoE uses 0.01 at 146B scale
+    # --- Mixture-of-Experts (n_expert = 0: a dense model)
+    n_expert: int = 8
+    top_k: int = 2
+    expert_hidden: int = 0         # per-expert hidden size; 0 means ffn_hidden
+    moe_every: int = 1             # 1: every FFN is MoE (Skywork-MoE); 2: every other layer (1, 3, ...)
+    capacity_factor: float = 1.25  # C = ceil(cf * T * K / E) per expert and group; 0 = dropless
+    gate_norm: bool = True         # gating logit normalization, eq. 6
+    gate_lambda: float = 1.0       # lambda of eq. 6 (paper: 1; tried 0.5, 1, 2)
+    aux_loss: str = "eq4"          # "eq4" (Skywork, squared deviation), "switch" (n sum f P), "none"
+    aux_free_bias: bool = False    # auxiliary-loss-free balancing bias on the selection scores
+
+    def __post_init__(self):
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(msg)
+        need(self.vocab_size > 0 and self.block_size > 0 and self.n_layer > 0, "vocab_size, block_size and n_layer must be > 0")
+        need(self.n_head > 0 and self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
+        need((self.n_embd // self.n_head) % 2 == 0, f"head dim n_embd/n_head={self.n_embd // self.n_head} must be even for RoPE")
+        need(self.n_kv_head >= 0 and self.n_head % max(self.n_kv_head, 1) == 0, f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head} (0 = n_head)")
+        need(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
+        need(self.ffn_hidden >= 0 and self.expert_hidden >= 0, "ffn_hidden and expert_hidden must be >= 0 (0 = default size)")
+        need(self.n_expert >= 0, f"n_expert={self.n_expert} must be >= 0 (0 = dense model)")
+        if self.n_expert:
+            need(1 <= self.top_k <= self.n_expert, f"top_k={self.top_k} must be in [1, n_expert={self.n_expert}]")
+            need(self.moe_every >= 1, f"moe_every={self.moe_every} must be >= 1 (1 = every layer, 2 = every other)")
+            need(self.capacity_factor is None or self.capacity_factor >= 0, f"capacity_factor={self.capacity_factor} must be >= 0 (0 = dropless)")
+            need(self.gate_lambda > 0, f"gate_lambda={self.gate_lambda} must be > 0 (paper: 1; tried 0.5, 1, 2)")
+            need(not self.gate_norm or self.n_expert >= 2, "gate_norm needs n_expert >= 2 (the std over one logit is undefined): set gate_norm=false")
+            need(self.aux_loss in ("eq4", "switch", "none"), f"aux_loss={self.aux_loss!r}: use 'eq4', 'switch' or 'none'")
+        if self.ffn_hidden == 0:
+            self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        if self.expert_hidden == 0:
+            self.expert_hidden = self.ffn_hidden
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_head or self.n_head
+
+    def is_moe_layer(self, i):
+        # every other layer counts from the second (1, 3, 5, ...), as in GShard / Switch
+        return self.n_expert > 0 and (i + 1) % self.moe_every == 0
+
+    @property
+    def moe_layer_ids(self):
+        return [i for i in range(self.n_layer) if self.is_moe_layer(i)]
+
+
+def config_field_names(cls):
+    return [f.name for f in fields(cls)]
+
+# -----------------------------------------------------------------------------
+# dense pieces
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32: bf16 squares lose the small entries
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(head_dim, length, theta, device=None):
+    """cos/sin of the rotary angles, (L, head_dim/2), computed in fp32 (not stored in the state dict)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BHLd, cos, sin):
+    # the Llama "rotate half" layout: pairs (i, i + d/2), so imported Llama weights need no permutation
+    d2 = x_BHLd.shape[-1] // 2
+    x1, x2 = x_BHLd[..., :d2], x_BHLd[..., d2:]
+    cos, sin = cos.to(x_BHLd.dtype), sin.to(x_BHLd.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.kv_heads
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.wq = nn.Linear(cfg.n_embd, cfg.n_head * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_head * self.head_dim, cfg.n_embd, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x_BLD, cos, sin):
+        B, L, _ = x_BLD.shape
+        q = self.wq(x_BLD).view(B, L, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, L, d)
+        k = self.wk(x_BLD).view(B, L, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, L, d)
+        v = self.wv(x_BLD).view(B, L, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.wo(y.transpose(1, 2).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), the Llama naming the experts below copy."""
+
+    def __init__(self, n_embd, hidden):
+        super().__init__()
+        self.w1 = nn.Linear(n_embd, hidden, bias=False)
+        self.w3 = nn.Linear(n_embd, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, n_embd, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+# -----------------------------------------------------------------------------
+# experts and the MoE layer
+
+class Experts(nn.Module):
+    """E SwiGLU experts as stacked weights named like the dense MLP: w1, w3 (E, F, D) and w2 (E, D, F),
+    so upcycling is a broadcast copy of MLP.w1/w3/w2.
+
+    forward takes tokens already sorted by expert (x_ND) and how many belong to each (counts_E), and
+    runs one matmul per expert on its contiguous slice: the weights are never gathered per token.
+    This (x_ND, counts_E) -> y_ND call is the seam expert parallelism replaces with an all-to-all
+    around the experts a rank owns.
+    """
+
+    def __init__(self, n_expert, n_embd, hidden):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_expert, hidden, n_embd))
+        self.w3 = nn.Parameter(torch.empty(n_expert, hidden, n_embd))
+        self.w2 = nn.Parameter(torch.empty(n_expert, n_embd, hidden))
+
+    def forward(self, x_ND, counts_E):
+        ys = []
+        for e, x in enumerate(x_ND.split(counts_E.tolist())):  # one host sync for the split sizes
+            if x.shape[0]:
+                ys.append((F.silu(x @ self.w1[e].t()) * (x @ self.w3[e].t())) @ self.w2[e].t())
+        return torch.cat(ys) if ys else x_ND.new_zeros(x_ND.shape)
+
+
+class MoE(nn.Module):
+    """Router -> dispatch (gather kept tokens in expert order) -> experts -> combine (weighted
+    index_add back to token positions). A dropped (token, expert) slot adds nothing: the block's
+    residual carries the token past the layer (Switch Transformer convention)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.router = Router(cfg.n_embd, cfg.n_expert, cfg.top_k, cfg.capacity_factor, cfg.gate_norm,
+                             cfg.gate_lambda, cfg.aux_loss, cfg.aux_free_bias)
+        self.experts = Experts(cfg.n_expert, cfg.n_embd, cfg.expert_hidden)
+
+    def forward(self, x_BLD, n_group=1):
+        B, L, D = x_BLD.shape
+        x_TD = x_BLD.reshape(B * L, D)
+        r: RouterOutput = self.router(x_TD, n_group)
+        T = x_TD.shape[0]
+        token_N = r.slots_N % T                              # slot s = k*T + t  ->  token t
+        weight_N = r.weights_TK.t().reshape(-1)[r.slots_N]   # combine weight of each kept slot (eq. 2)
+        y_ND = self.experts(x_TD[token_N], r.counts_E)
+        y_TD = torch.zeros_like(x_TD).index_add_(0, token_N, y_ND * weight_N.unsqueeze(1).to(y_ND.dtype))
+        return y_TD.view(B, L, D), r
+
+# -----------------------------------------------------------------------------
+# the transformer
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer_id):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer_id)
+        self.ffn = MoE(cfg) if self.is_moe else MLP(cfg.n_embd, cfg.ffn_hidden)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, n_group=1):
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin))
+        if self.is_moe:
+            h, r = self.ffn(self.ffn_norm(x), n_group)
+        else:
+            h, r = self.ffn(self.ffn_norm(x)), None
+        return x + self.dropout(h), r
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+            # GPT-2 style: the projections that add into the residual stream get std / sqrt(2 n_layer)
+            if name.endswith(("attn.wo.weight", "ffn.w2.weight", "experts.w2")):
+                p.mul_(1.0 / math.sqrt(2 * self.cfg.n_layer))
+        for b in self.buffers():
+            b.zero_()
+
+    def forward(self, idx_BL, targets_BL=None, n_group=1):
+        """Returns (logits, loss, router_outputs): loss is the plain cross entropy (None without
+        targets); the balance losses are in router_outputs (one RouterOutput per MoE layer) and are
+        weighted by the training loop's coefficients (router.balance_loss). n_group splits the batch
+        into routing groups with their own capacity and balance loss (see expert_parallel.py)."""
+        B, L = idx_BL.shape
+        if L > self.cfg.block_size:
+            raise ValueError(f"sequence length {L} > block_size {self.cfg.block_size}")
+        cos, sin = rope_tables(self.cfg.n_embd // self.cfg.n_head, L, self.cfg.rope_theta, idx_BL.device)
+        x = self.tok_emb(idx_BL)
+        router_outputs = []
+        for block in self.blocks:
+            x, r = block(x, cos, sin, n_group)
+            if r is not None:
+                router_outputs.append(r)
+        x = self.norm(x)
+        if targets_BL is None:
+            return self.lm_head(x[:, [-1], :]), None, router_outputs
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets_BL.reshape(-1), ignore_index=-1)
+        return logits, loss, router_outputs
+
+    @torch.no_grad()
+    def generate(self, idx_BL, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Autoregressive sampling (no KV cache: this is a teaching model). Dropless routing at
+        inference would differ from training's capacity; we keep the trained config as is."""
+        for _ in range(max_new_tokens):
+            ctx = idx_BL[:, -self.cfg.block_size:]
+            logits, _, _ = self(ctx)
+            logits = logits[:, -1, :] / max(temperature, 1e-8)
+            if top_k is not None:
+                v = logits.topk(min(top_k, logits.size(-1))).values
+                logits[logits < v[:, [-1]]] = -float("inf")
+            nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            idx_BL = torch.cat([idx_BL, nxt], dim=1)
+        return idx_BL
+
+    # -------------------------------------------------------------------------
+    # accounting: the model knows its own sizes
+
+    def param_counts(self):
+        """Total parameters, and active ones (what one token touches: k of E experts per MoE layer).
+        A tied lm_head/embedding is counted once."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for block in self.blocks:
+            if block.is_moe:
+                per_expert = sum(p[0].numel() for p in block.ffn.experts.parameters())
+                inactive += per_expert * (self.cfg.n_expert - self.cfg.top_k)
+        return {"total": total, "active": total - inactive}
+
+    def flops_per_token(self):
+        """Training FLOPs per token, PaLM appendix B: 6 N + 12 n_layer n_head head_dim L, N = active
+        parameters that do matmuls (the input embedding is a lookup, so it is left out unless tied)."""
+        n = self.param_counts()["active"]
+        if not self.cfg.tie_embeddings:
+            n -= self.tok_emb.weight.numel()
+        c = self.cfg
+        return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
+
+    def optim_groups(self, weight_decay):
+        """AdamW groups: decay matrices (attention, experts, router, embeddings); not norms."""
+        decay, no_decay = [], []
+        for _, p in self.named_parameters():
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def expert_similarity(model):
+    """Average pairwise cosine similarity of the experts' flattened weights (w1, w3, w2), one number
+    per MoE layer: 1.0 right after upcycling (identical copies), ~0 for independently initialised
+    experts. Skywork-MoE section 3 reads its decay as a health metric of an upcycled run."""
+    sims = []
+    for block in model.blocks:
+        if not block.is_moe:
+            continue
+        ex = block.ffn.experts
+        flat_EP = torch.cat([w.detach().float().flatten(1) for w in (ex.w1, ex.w3, ex.w2)], dim=1)
+        E = flat_EP.shape[0]
+        unit_EP = F.normalize(flat_EP, dim=1)
+        sim_EE = unit_EP @ unit_EP.t()
+        sims.append(((sim_EE.sum() - sim_EE.diagonal().sum()) / (E * (E - 1))).item())
+    return sims
+
+
+def count_params_meta(cfg: ModelConfig):
+    """Parameter counts of a config without allocating its weights (146B fit in no memory here)."""
+    with torch.device("meta"):
+        return GPT(cfg).param_counts()
+
+
+def main(argv):
+    from train import load_config
+    model_cfg, _, _ = load_config(argv)
+    counts = count_params_meta(model_cfg)
+    print(f"total parameters:  {counts['total'] / 1e9:.3f} B ({counts['total']:,})")
+    print(f"active parameters: {counts['active'] / 1e9:.3f} B ({counts['active']:,})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

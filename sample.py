@@ -1,0 +1,72 @@
+"""
+Generate text from a checkpoint written by train.py.
+
+    python sample.py                                   # out/ckpt.pt, 3 samples of 500 characters
+    python sample.py --ckpt out/ckpt.pt --prompt "ROMEO:" --temperature 0.8 --top_k 40 --seed 7
+
+The tokenizer is the dataset's: characters from meta.json, or the GPT-2 BPE (pass --ranks for an
+offline ranks file).
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from train import load_checkpoint, model_from_checkpoint
+
+
+def tokenizer_for(train_config, ranks_path=None):
+    """(encode, decode) for the dataset the checkpoint was trained on."""
+    meta_path = os.path.join(train_config["data_dir"], train_config["dataset"], "meta.json")
+    if not os.path.exists(meta_path):
+        raise SystemExit(f"error: {meta_path} not found: the checkpoint's dataset must be prepared to decode its tokens")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("tokenizer") == "char":
+        stoi = {c: i for i, c in enumerate(meta["chars"])}
+
+        def encode(s):
+            missing = sorted(set(s) - set(stoi))
+            if missing:
+                raise SystemExit(f"error: the prompt has characters outside the vocabulary: {missing}")
+            return [stoi[c] for c in s]
+        return encode, lambda ids: "".join(meta["chars"][i] for i in ids)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shakespeare"))
+    from prepare import gpt2_encoding
+    enc = gpt2_encoding(ranks_path)
+    return enc.encode_ordinary, enc.decode
+
+
+def main(argv):
+    p = argparse.ArgumentParser(description="Generate text from a checkpoint.")
+    p.add_argument("--ckpt", default=os.path.join("out", "ckpt.pt"))
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--num_samples", type=int, default=3)
+    p.add_argument("--max_new_tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--ranks", help="local r50k_base.tiktoken for BPE checkpoints, offline")
+    args = p.parse_args(argv)
+    if args.temperature <= 0 or args.max_new_tokens < 0 or args.num_samples < 1 or args.top_k < 1:
+        p.error("need temperature > 0, max_new_tokens >= 0, num_samples >= 1, top_k >= 1")
+
+    ckpt = load_checkpoint(args.ckpt)
+    model = model_from_checkpoint(ckpt, args.device).eval()
+    encode, decode = tokenizer_for(ckpt["train_config"], args.ranks)
+    ids = encode(args.prompt)
+    if not ids:
+        p.error("the prompt encodes to no tokens")
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    x = torch.tensor([ids], dtype=torch.long, device=args.device)
+    for _ in range(args.num_samples):
+        y = model.generate(x, args.max_new_tokens, args.temperature, args.top_k, generator=gen)
+        print(decode(y[0].tolist()))
+        print("---------------")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
