@@ -160,9 +160,19 @@ class Experts(nn.Module):
     so upcycling is a broadcast copy of MLP.w1/w3/w2.
 
     forward takes tokens already sorted by expert (x_ND) and how many belong to each (counts_E), and
-    runs one matmul per expert on its contiguous slice: the weights are never gathered per token.
+    runs each expert on its contiguous slice of rows: the weights are never gathered per token.
     This (x_ND, counts_E) -> y_ND call is the seam expert parallelism replaces with an all-to-all
     around the experts a rank owns.
+
+    Two implementations of the same arithmetic (bench.py compares them):
+      forward_loop     one matmul per expert in a Python loop: the readable reference, any dtype
+                       (the float64 tests), but one host sync to read the split sizes
+      forward_grouped  torch's grouped matmul, one call per weight for all experts, no host sync;
+                       runs on CPU in float32 and on CUDA in bfloat16 (grouped_mm_dtype), so the
+                       float64 tests take the loop
+    impl = "auto" picks grouped where it runs, "loop" / "grouped" force one (bench.py, tests).
+    On this 2-core CPU both are within a few % of each other (the loop was slow only while it
+    indexed self.w1[e], see forward_loop); grouped_mm is what a GPU needs.
     """
 
     def __init__(self, n_expert, n_embd, hidden):
@@ -170,13 +180,56 @@ class Experts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n_expert, hidden, n_embd))
         self.w3 = nn.Parameter(torch.empty(n_expert, hidden, n_embd))
         self.w2 = nn.Parameter(torch.empty(n_expert, n_embd, hidden))
+        self.impl = "auto"
 
     def forward(self, x_ND, counts_E):
+        dtype = grouped_mm_dtype(x_ND, self.w1) if self.impl != "loop" else None
+        if self.impl == "grouped" and dtype is None:
+            raise ValueError(f"grouped_mm does not run on {x_ND.device.type} {x_ND.dtype} with D, F = "
+                             f"{self.w1.shape[2]}, {self.w1.shape[1]}: use impl='loop'")
+        if dtype is None or x_ND.shape[0] == 0:  # grouped_mm's backward rejects zero rows
+            return self.forward_loop(x_ND, counts_E)
+        return self.forward_grouped(x_ND, counts_E, dtype)
+
+    def forward_loop(self, x_ND, counts_E):
+        # unbind, not self.w1[e]: each indexing op's backward writes a zero gradient the size of
+        # all E experts; unbind's backward stacks the E slices once
         ys = []
-        for e, x in enumerate(x_ND.split(counts_E.tolist())):  # one host sync for the split sizes
+        for x, w1, w3, w2 in zip(x_ND.split(counts_E.tolist()), self.w1.unbind(0), self.w3.unbind(0),
+                                 self.w2.unbind(0)):  # .tolist(): one host sync for the split sizes
             if x.shape[0]:
-                ys.append((F.silu(x @ self.w1[e].t()) * (x @ self.w3[e].t())) @ self.w2[e].t())
+                ys.append((F.silu(x @ w1.t()) * (x @ w3.t())) @ w2.t())
         return torch.cat(ys) if ys else x_ND.new_zeros(x_ND.shape)
+
+    def forward_grouped(self, x_ND, counts_E, dtype):
+        end_E = counts_E.cumsum(0).to(torch.int32)  # where each expert's rows end; stays on the device
+        x_ND = x_ND.to(dtype)
+        w1_EDF, w3_EDF, w2_EFD = (w.to(dtype).transpose(1, 2) for w in (self.w1, self.w3, self.w2))
+        h_NF = F.silu(F.grouped_mm(x_ND, w1_EDF, offs=end_E)) * F.grouped_mm(x_ND, w3_EDF, offs=end_E)
+        y_ND = F.grouped_mm(h_NF, w2_EFD, offs=end_E)
+        if y_ND.requires_grad:
+            # grouped_mm's backward needs a dense gradient: y.sum().backward() would hand it an
+            # expanded (stride 0) one and fail with "Invalid strides/sizes"
+            y_ND.register_hook(torch.Tensor.contiguous)
+        return y_ND
+
+
+def grouped_mm_dtype(x_ND, w_EFD):
+    """The dtype torch.nn.functional.grouped_mm runs these experts in, or None where only the loop
+    runs: float32 on CPU (not float64, so the exactness tests take the loop), bfloat16 on CUDA sm80+
+    (autocast does not cast grouped_mm's inputs: forward_grouped does). Rows of x, h and the weights
+    must be 16-byte aligned: D and F multiples of 4 in float32, of 8 in bfloat16."""
+    autocast_bf16 = torch.is_autocast_enabled(x_ND.device.type) and torch.get_autocast_dtype(x_ND.device.type) == torch.bfloat16
+    if x_ND.device.type == "cuda" and (x_ND.dtype == torch.bfloat16 or autocast_bf16) \
+            and torch.cuda.get_device_capability(x_ND.device) >= (8, 0):
+        dtype = torch.bfloat16
+    elif x_ND.device.type == "cpu" and x_ND.dtype == w_EFD.dtype == torch.float32 \
+            and not torch.is_autocast_enabled("cpu"):
+        dtype = torch.float32
+    else:
+        return None
+    aligned = all(n * dtype.itemsize % 16 == 0 for n in w_EFD.shape[1:])  # F and D
+    return dtype if aligned else None
 
 
 class MoE(nn.Module):
@@ -197,8 +250,11 @@ class MoE(nn.Module):
         T = x_TD.shape[0]
         token_N = r.slots_N % T                              # slot s = k*T + t  ->  token t
         weight_N = r.weights_TK.t().reshape(-1)[r.slots_N]   # combine weight of each kept slot (eq. 2)
-        y_ND = self.experts(x_TD[token_N], r.counts_E)
-        y_TD = torch.zeros_like(x_TD).index_add_(0, token_N, y_ND * weight_N.unsqueeze(1).to(y_ND.dtype))
+        # index_select rather than x_TD[token_N]: same rows, but its backward is an index_add,
+        # ~2x faster on CPU than indexing's accumulating index_put
+        y_ND = self.experts(x_TD.index_select(0, token_N), r.counts_E)
+        # combine in the experts' dtype (bf16 under autocast, like the dense MLP's output)
+        y_TD = y_ND.new_zeros(T, D).index_add_(0, token_N, y_ND * weight_N.unsqueeze(1).to(y_ND.dtype))
         return y_TD.view(B, L, D), r
 
 # -----------------------------------------------------------------------------
@@ -269,7 +325,9 @@ class GPT(nn.Module):
         if targets_BL is None:
             return self.lm_head(x[:, [-1], :]), None, router_outputs
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets_BL.reshape(-1), ignore_index=-1)
+        # the loss in fp32, or wider: an fp64 model stays fp64 end to end (the expert-parallel tests)
+        ce_dtype = torch.promote_types(logits.dtype, torch.float32)
+        loss = F.cross_entropy(logits.to(ce_dtype).view(-1, logits.size(-1)), targets_BL.reshape(-1), ignore_index=-1)
         return logits, loss, router_outputs
 
     @torch.no_grad()
@@ -319,19 +377,26 @@ class GPT(nn.Module):
 
 
 @torch.no_grad()
-def expert_similarity(model):
+def expert_similarity(model, chunk=1 << 20):
     """Average pairwise cosine similarity of the experts' flattened weights (w1, w3, w2), one number
     per MoE layer: 1.0 right after upcycling (identical copies), ~0 for independently initialised
-    experts. Skywork-MoE section 3 reads its decay as a health metric of an upcycled run."""
+    experts. Skywork-MoE section 3 reads its decay as a health metric of an upcycled run.
+
+    train.py calls it at every eval, so it never copies a layer's experts: the (E, E) Gram matrix of
+    dot products is accumulated in fp32 over slices of chunk columns (E * chunk floats of scratch)."""
     sims = []
     for block in model.blocks:
         if not block.is_moe:
             continue
         ex = block.ffn.experts
-        flat_EP = torch.cat([w.detach().float().flatten(1) for w in (ex.w1, ex.w3, ex.w2)], dim=1)
-        E = flat_EP.shape[0]
-        unit_EP = F.normalize(flat_EP, dim=1)
-        sim_EE = unit_EP @ unit_EP.t()
+        E = ex.w1.shape[0]
+        gram_EE = torch.zeros(E, E, device=ex.w1.device)
+        for w in (ex.w1, ex.w3, ex.w2):
+            for part_EC in w.detach().flatten(1).split(chunk, dim=1):
+                part_EC = part_EC.float()
+                gram_EE += part_EC @ part_EC.t()
+        norm_E = gram_EE.diagonal().sqrt().clamp_min(1e-12)
+        sim_EE = gram_EE / (norm_E[:, None] * norm_E[None, :])
         sims.append(((sim_EE.sum() - sim_EE.diagonal().sum()) / (E * (E - 1))).item())
     return sims
 

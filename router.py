@@ -85,22 +85,25 @@ def dispatch_plan(ids_TK, n_expert, capacity, n_group=1):
     T, K = ids_TK.shape
     S = T * K
     ids_S = ids_TK.t().reshape(-1)                                   # choice-major, (S,)
-    group_S = (torch.arange(S, device=ids_TK.device) % T) // (T // n_group)
-    bucket_S = ids_S * n_group + group_S                              # expert-major buckets, (S,)
+    if n_group == 1:
+        bucket_S = ids_S                                              # one group: a bucket is an expert
+    else:
+        group_S = (torch.arange(S, device=ids_TK.device) % T) // (T // n_group)
+        bucket_S = ids_S * n_group + group_S                          # expert-major buckets, (S,)
     order_S = torch.argsort(bucket_S, stable=True)
+    routed_B = torch.bincount(bucket_S, minlength=n_expert * n_group)  # routed slots per bucket
     if capacity is None:
-        slots_N = order_S
+        slots_N, kept_B = order_S, routed_B
         keep_S = torch.ones(S, dtype=torch.bool, device=ids_TK.device)
     else:
-        sorted_bucket_S = bucket_S[order_S]
-        count_B = torch.bincount(bucket_S, minlength=n_expert * n_group)
-        start_B = torch.cumsum(count_B, 0) - count_B
-        rank_S = torch.arange(S, device=ids_TK.device) - start_B[sorted_bucket_S]
+        start_B = torch.cumsum(routed_B, 0) - routed_B
+        rank_S = torch.arange(S, device=ids_TK.device) - start_B[bucket_S[order_S]]  # in sorted order
         keep_sorted_S = rank_S < capacity
-        slots_N = order_S[keep_sorted_S]
+        slots_N = order_S[keep_sorted_S]  # a data-dependent size: the one host sync of routing
         keep_S = torch.zeros(S, dtype=torch.bool, device=ids_TK.device)
         keep_S[order_S] = keep_sorted_S
-    counts_E = torch.bincount(ids_S[slots_N], minlength=n_expert)
+        kept_B = routed_B.clamp(max=capacity)
+    counts_E = kept_B.view(n_expert, n_group).sum(dim=1)
     keep_TK = keep_S.view(K, T).t()
     return slots_N, counts_E, keep_TK
 
@@ -197,9 +200,11 @@ class Router(nn.Module):
         T, E, K = x_TD.shape[0], self.n_expert, self.top_k
         if T % n_group:
             raise ValueError(f"{T} tokens do not split into {n_group} equal routing groups")
-        # router math in fp32 whatever the model's dtype: small logit errors flip top-k choices
+        # router math in fp32 (or wider) whatever the model's dtype: small logit errors flip top-k
+        # choices; fp64 stays fp64 so an fp64 model is exact end to end (upcycling's function test)
+        rdt = torch.promote_types(x_TD.dtype, torch.float32)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.weight.float())
+            logits_TE = F.linear(x_TD.to(rdt), self.weight.to(rdt))
             if self.gate_norm:
                 logits_TE = normalize_gate_logits(logits_TE, self.gate_lambda)
             probs_TE = logits_TE.softmax(dim=-1)

@@ -1,0 +1,77 @@
+"""bench.py's table functions at tiny sizes: every section produces well-formed rows. No timing is
+asserted (the numbers live in bench.py's output and the README's efficiency section)."""
+import math
+import subprocess
+
+import pytest
+import torch
+
+import bench
+from conftest import REPO
+
+CPU = torch.device("cpu")
+TINY_CASES = [bench.LayerCase(n_expert=4, tokens=32, n_embd=16), bench.LayerCase(n_expert=8, tokens=64, n_embd=32)]
+TINY_PRESET = {"tiny": [bench.QUICK_START, "n_layer=1", "n_embd=32", "n_head=2", "block_size=16", "batch_size=2",
+                        "n_expert=4"]}
+
+
+def positive(v):
+    return isinstance(v, float) and math.isfinite(v) and v > 0
+
+
+def test_time_interleaved_medians_every_variant():
+    calls = []
+    t = bench.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert set(t) == {"a", "b"} and all(v >= 0 for v in t.values())
+    assert calls.count("a") == calls.count("b") == 4
+    assert calls[:2] == ["a", "b"] and calls[2:4] == ["b", "a"]  # the order rotates every round
+
+
+def test_layer_and_routing_rows():
+    names = ["dense", "moe", "loop", "naive", "routing", "router"]
+    measured = bench.measure_layers(TINY_CASES, names, repeats=1, device=CPU, log=lambda *a: None)
+    rows = bench.layer_rows(measured)
+    assert [(r["E"], r["T"], r["D"]) for r in rows] == [(4, 32, 16), (8, 64, 32)]
+    for r in rows:
+        for key in ("dense tok/s", "MoE tok/s", "MoE / dense", "loop / dense", "naive tok/s", "MoE / naive"):
+            assert positive(r[key]), (key, r)
+    for r in bench.routing_rows(measured):
+        assert positive(r["layer ms"]) and positive(r["routing ms"]) and positive(r["of which router ms"])
+        assert r["routing %"] > 0 and r["router %"] > 0
+    table = bench.markdown_table(rows)
+    assert table.count("\n") == len(rows) + 1 and table.startswith("| E | T | D | F |")
+
+
+def test_naive_reference_equals_the_layer():
+    fns, parts = bench.layer_variants(TINY_CASES[0], ["moe"], CPU)
+    x = torch.randn(32, 16)
+    y_naive, _ = bench.naive_moe(parts["moe"], x)
+    y, _ = parts["moe"](x.view(1, 32, 16))
+    torch.testing.assert_close(y_naive, y.view(32, 16), rtol=1e-5, atol=1e-6)
+
+
+def test_memory_rows():
+    rows = bench.memory_rows(TINY_CASES[:1], CPU)
+    r = rows[0]
+    for key in ("MoE peak MiB", "dense peak MiB", "MoE saved MiB", "dense saved MiB", "MoE weight grads MiB"):
+        assert positive(r[key]), (key, r)
+    # 4 experts of hidden F vs one FFN of hidden 2F: twice the weights, so twice the weight gradients
+    assert r["MoE weight grads MiB"] == pytest.approx(2 * r["dense weight grads MiB"], rel=0.01)
+
+
+def test_train_rows_with_a_baseline_module():
+    baseline = bench.load_model_module_at("HEAD") if git_has_model_py() else None
+    rows = bench.train_rows(TINY_PRESET, repeats=1, device=CPU, baseline=baseline, log=lambda *a: None)
+    assert [r["code"] for r in rows] == ["current"] + (["baseline"] if baseline is not None else [])
+    for r in rows:
+        assert r["tokens/step"] == 2 * 16
+        assert positive(r["tok/s"]) and positive(r["MFU %"]) and positive(r["matmul GFLOP/s"])
+    import model  # the baseline was imported beside, not over, this checkout's modules
+    assert hasattr(model, "grouped_mm_dtype")
+
+
+def git_has_model_py():
+    try:
+        return subprocess.run(["git", "show", "HEAD:model.py"], cwd=REPO, capture_output=True).returncode == 0
+    except OSError:
+        return False
