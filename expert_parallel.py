@@ -421,7 +421,7 @@ def report_failure(groups, message):
 
 def failed_peer(groups):
     """(rank, message) of the lowest other rank that reported a failure; (None, reason) if none did
-    or the store cannot be read. Never blocks: check() only asks whether a key exists."""
+    or the store cannot be read. check() asks whether a key exists, without waiting for it to appear."""
     if groups.store is None:
         return None, "no store kept"
     try:
@@ -432,5 +432,4 @@ def failed_peer(groups):
     except Exception as e:
         return None, (f"the rendezvous store is unreachable ({type(e).__name__}); in a bare env:// launch "
                       "rank 0 hosts it, so rank 0 probably failed: see its log")
-    return None, "no rank reported an error: one may have been killed or be hung; see the other ranks' logs"
-
+    return None, "a rank that was killed or hangs reports nothing: see the other ranks' logs"

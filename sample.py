@@ -54,8 +54,11 @@ def main(argv):
     if args.temperature <= 0 or args.max_new_tokens < 0 or args.num_samples < 1 or args.top_k < 1:
         p.error("need temperature > 0, max_new_tokens >= 0, num_samples >= 1, top_k >= 1")
 
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no GPU is visible here; use --device cpu")
+
     ckpt = load_checkpoint(args.ckpt)
-    model = model_from_checkpoint(ckpt, args.device).eval()
+    model = model_from_checkpoint(ckpt, args.device, where=args.ckpt).eval()
     encode, decode = tokenizer_for(ckpt["train_config"], args.ranks)
     ids = encode(args.prompt)
     if not ids:

@@ -309,8 +309,8 @@ def get_batch(data, batch_size, block_size, gen, device, rank=0, world_size=1, v
     ix = ix[rank * per_rank:(rank + 1) * per_rank]
     windows = np.stack([data[i:i + block_size + 1].astype(np.int64) for i in ix])
     if vocab_size is not None and windows.max() >= vocab_size:
-        raise SystemExit(f"error: token id {windows.max()} in the training data (windows at {ix}) is >= "
-                         f"vocab_size={vocab_size}: the data was tokenized for another vocabulary; prepare it again")
+        raise SystemExit(f"error: token id {windows.max()} in a training batch is >= vocab_size={vocab_size}: "
+                         "the data was tokenized for another vocabulary (or is corrupt); prepare it again")
     xy = torch.from_numpy(windows)
     x, y = xy[:, :-1], xy[:, 1:]
     if device.type == "cuda":
@@ -348,7 +348,7 @@ NUMBERED = re.compile(r"ckpt-(\d+)\.pt")
 
 
 def io_error(path, e):
-    """What went wrong writing path, and what to do about it, in one line."""
+    """What went wrong writing path (an OSError), and what to do about it, in one line."""
     where = os.path.dirname(os.path.abspath(path))
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         todo = f"the disk holding {where} is full: free space there, or point out_dir at another disk"
@@ -360,19 +360,19 @@ def io_error(path, e):
 
 
 def write_atomically(path, write):
-    """write(tmp) creates the complete file tmp, which then replaces path in one rename. On an OSError
-    (disk full, permissions) the temp file is removed and path keeps what it held before."""
+    """write(tmp) creates the complete file tmp, which then replaces path in one rename. If anything
+    fails (an OSError: disk full, permissions) the temp file is removed, path keeps what it held, and
+    the error propagates."""
     tmp = path + ".tmp"
     try:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)  # left by a write that was killed
         write(tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise SystemExit(f"error: {io_error(path, e)}. {path} still holds the checkpoint saved before, if "
-                         "any: once fixed, a run continues from it with --init_from=resume") from None
+        raise
     with contextlib.suppress(OSError):  # make the rename itself durable (not every platform can)
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         try:
@@ -403,7 +403,7 @@ def save_checkpoint(path, model, optimizer, model_cfg, train_cfg, iter_num, best
                     model_state=None, optimizer_state=None):
     """model_state / optimizer_state replace model.state_dict() / optimizer.state_dict(): under expert
     parallelism they are the gathered full states (expert_parallel.full_model_state), so the file
-    looks the same whatever ep_size wrote it. Atomic; raises SystemExit with what to do on a write error."""
+    looks the same whatever ep_size wrote it. Atomic: on an error (OSError) path keeps what it held."""
     state = {
         "format": CHECKPOINT_FORMAT,
         "model": model_state if model_state is not None else model.state_dict(),
@@ -457,8 +457,9 @@ def other_checkpoints(path):
     others = [p for p in others if os.path.abspath(p) != os.path.abspath(path)]
     if not others:
         return ""
-    return (f"; other checkpoints there, newest first: {', '.join(os.path.basename(p) for p in others)} "
-            f"(`ln -f {others[0]} {path}` makes one of them the file read)")
+    how = (f" (`ln -f {others[0]} {path}` makes the newest the one init_from=resume reads)"
+           if os.path.basename(path) == LATEST else "")
+    return f"; other checkpoints there, newest first: {', '.join(os.path.basename(p) for p in others)}{how}"
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -469,7 +470,8 @@ def load_checkpoint(path, map_location="cpu"):
         # a file that is not ours cannot run code
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, corrupt, or another kind of file
-        detail = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:160]
+        text = str(e).split("WeightsUnpickler error:")[-1]  # past torch's advice to load it unsafely
+        detail = next((line.strip() for line in text.splitlines() if line.strip()), "").split(". ")[0][:160]
         raise SystemExit(f"error: {path} is not a readable checkpoint: truncated, corrupt, or not written by "
                          f"this project ({type(e).__name__}: {detail})" + other_checkpoints(path)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -513,7 +515,8 @@ def model_config_conflicts(model_cfg, ckpt_cfg, sources):
     with torch.device("meta"):  # shapes only: no memory, whatever the size
         a, b = GPT(ckpt_cfg).state_dict(), GPT(mine).state_dict()
     shapes = [f"{k} {tuple(v.shape)} -> {tuple(b[k].shape)}" for k, v in a.items() if k in b and v.shape != b[k].shape]
-    shapes += [f"{k} only in the checkpoint" for k in a if k not in b] + [f"{k} only in the config" for k in b if k not in a]
+    shapes += [f"{k} only in the checkpoint" for k in a if k not in b]
+    shapes += [f"{k} only in the config" for k in b if k not in a]
     if shapes:
         more = f" (and {len(shapes) - 4} more)" if len(shapes) > 4 else ""
         parts.append(f"parameter shapes that differ: {', '.join(shapes[:4])}{more}")
@@ -838,7 +841,7 @@ def on_every_rank(groups, fn):
     return result
 
 # -----------------------------------------------------------------------------
-# the loop
+# the loop: logging and devices
 
 def layer_records(stats, loads, alphas, layer_ids):
     recs = []
@@ -879,9 +882,10 @@ class StopSignal:
     """SIGTERM / SIGINT (what cluster schedulers send before preempting or cancelling a job; Ctrl-C):
     stop at the next step boundary with a checkpoint, and exit 0. The handler only records the signal:
     anything more could run in the middle of a checkpoint write or a collective. guarded_step reads it
-    once per step and, under torchrun, max-reduces it, so every rank stops after the same step. train()
-    installs the handlers for the run only (in the main thread: Python's rule) and restores the
-    previous ones after; the one piece of state a handler needs lives in this object, not in a global."""
+    once per step and, under torchrun, max-reduces it, so every rank stops after the same step. The
+    training loop installs the handlers while it runs (in the main thread only: Python's rule) and
+    restores the previous ones after; the one piece of state a handler needs lives in this object, not
+    in a global."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -904,32 +908,31 @@ class StopSignal:
                 signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 # -----------------------------------------------------------------------------
-# the run
+# the loop
 
 def train(model_cfg, tcfg, sources=None):
     """Run the configured job; returns the last eval losses (on every rank under torchrun).
 
     A plain call runs in this process, with no process group. Under torchrun (WORLD_SIZE > 1 in the
     environment) every rank calls this: the launch is checked, the process group started and the
-    expert-parallel groups built, and the group is torn down however the run ends. A SIGTERM / SIGINT
-    during the run ends it at the next step boundary with a checkpoint (StopSignal)."""
+    expert-parallel groups built, and the group is torn down however the run ends. Once training has
+    started, SIGTERM / SIGINT end it at the next step boundary with a checkpoint (StopSignal); before,
+    there is nothing to save, and they act as usual."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_setup(model_cfg if tcfg.init_from == "scratch" else None, tcfg, world_size, torch.cuda.is_available())
     device, autocast = resolve_device(tcfg)
-    stop = StopSignal()
-    with stop.installed():
-        groups = init_distributed(tcfg, device, world_size)
-        if groups is not None and device.type == "cuda":
-            device = torch.device("cuda", torch.cuda.current_device())
-        try:
-            return run(model_cfg, tcfg, sources, device, autocast, groups, stop)
-        except BaseException as e:
-            if groups is not None:
-                name_failed_rank(groups, e)
-            raise
-        finally:
-            if groups is not None:
-                dist.destroy_process_group()
+    groups = init_distributed(tcfg, device, world_size)
+    if groups is not None and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    try:
+        return run(model_cfg, tcfg, sources, device, autocast, groups)
+    except BaseException as e:
+        if groups is not None:
+            name_failed_rank(groups, e)
+        raise
+    finally:
+        if groups is not None:
+            dist.destroy_process_group()
 
 
 def name_failed_rank(groups, e):
@@ -948,7 +951,8 @@ def name_failed_rank(groups, e):
         raise SystemExit(f"error: rank {peer} failed: {why} (rank {groups.rank} stopped with it; its own "
                          f"error, {type(e).__name__} in a collective, is a consequence)") from None
     ep.report_failure(groups, f"{type(e).__name__}: {e}")
-    print(f"rank {groups.rank} failed ({type(e).__name__}); about the other ranks: {why}", file=sys.stderr)
+    print(f"rank {groups.rank} failed with {type(e).__name__}, and no other rank had reported an error "
+          f"({why})", file=sys.stderr)
 
 
 def prepare_out_dir(out_dir):
@@ -959,7 +963,8 @@ def prepare_out_dir(out_dir):
         with tempfile.NamedTemporaryFile(dir=out_dir):
             pass
         for name in os.listdir(out_dir):
-            if name.endswith(".tmp") and (NUMBERED.fullmatch(name[:-4]) or name[:-4] in (LATEST, BEST)):
+            final = name.removesuffix(".tmp")
+            if final != name and (NUMBERED.fullmatch(final) or final in (LATEST, BEST, "metrics.jsonl")):
                 os.remove(os.path.join(out_dir, name))
     except OSError as e:
         raise SystemExit(f"error: out_dir={out_dir!r} is not writable ({e.strerror or e}): choose another "
@@ -985,7 +990,10 @@ def trim_metrics(path, iter_num):
     def write(tmp):
         with open(tmp, "w") as f:
             f.writelines(kept)
-    write_atomically(path, write)
+    try:
+        write_atomically(path, write)
+    except OSError as e:
+        raise SystemExit(f"error: {io_error(path, e)}; {path} and the checkpoints are unchanged") from None
 
 
 def log_record(metrics, rec):
@@ -997,10 +1005,8 @@ def log_record(metrics, rec):
                          "continue with --init_from=resume") from None
 
 
-def run(model_cfg, tcfg, sources, device, autocast, groups, stop=None):
-    """The training loop of one process (one rank under torchrun). Only rank 0 prints, logs, saves.
-    stop: train()'s StopSignal (None: no signal handling)."""
-    stop = stop or StopSignal()
+def run(model_cfg, tcfg, sources, device, autocast, groups):
+    """The training loop of one process (one rank under torchrun). Only rank 0 prints, logs, saves."""
     is_main = groups is None or groups.is_main
     rank, world = (groups.rank, groups.world_size) if groups is not None else (0, 1)
     say = print if is_main else (lambda *args, **kwargs: None)
@@ -1122,11 +1128,16 @@ def run(model_cfg, tcfg, sources, device, autocast, groups, stop=None):
         full_optim = ep.full_optimizer_state(optimizer, model, groups) if sharded else None
 
         def write():
-            if is_main:
+            if not is_main:
+                return
+            try:
                 save_run_checkpoint(tcfg.out_dir, tcfg.keep_last, is_best, stale, model=model, optimizer=optimizer,
                                     model_cfg=model_cfg, train_cfg=tcfg, iter_num=it, best_val_loss=best_val,
                                     coeffs=coeffs, data_gen=data_gen, model_state=full_state,
                                     optimizer_state=full_optim)
+            except OSError as e:
+                raise SystemExit(f"error: {io_error(ckpt_path, e)}. Nothing was lost: {ckpt_path} holds the last "
+                                 "complete checkpoint; once fixed, continue with --init_from=resume") from None
         on_every_rank(groups, write)
         stale, last_saved = [], it
 
@@ -1134,7 +1145,8 @@ def run(model_cfg, tcfg, sources, device, autocast, groups, stop=None):
     layer_ids = model_cfg.moe_layer_ids
     start_iter, last, skipped, stop_signal = iter_num, {}, 0, 0
     t_window, it_window = time.time(), iter_num
-    try:
+    stop = StopSignal()  # SIGTERM / SIGINT handlers for the loop only, restored when it ends
+    with stop.installed(), (metrics if metrics is not None else contextlib.nullcontext()):
         while True:
             if (iter_num % tcfg.eval_interval == 0 or iter_num == tcfg.max_iters) and not (
                     iter_num == start_iter and resuming):
@@ -1164,7 +1176,8 @@ def run(model_cfg, tcfg, sources, device, autocast, groups, stop=None):
                     checkpoint(iter_num)
                 saved = (f"saved {ckpt_path}: continue with --init_from=resume" if tcfg.save_checkpoint
                          else "no checkpoint saved (save_checkpoint=false)")
-                say(f"{signal.Signals(stop_signal).name} received: stopped at iteration {iter_num}; {saved}", flush=True)
+                name = signal.Signals(stop_signal).name
+                say(f"{name} received: stopped at iteration {iter_num}; {saved}", flush=True)
                 break
 
             lr = lr_at(iter_num, tcfg)
@@ -1180,15 +1193,20 @@ def run(model_cfg, tcfg, sources, device, autocast, groups, stop=None):
             if step.problem is not None:  # every rank sees the same problem (guarded_step)
                 skipped += 1
                 what = f"iteration {iter_num}: non-finite values ({step.problem})"
-                if tcfg.on_nonfinite == "stop" or skipped > tcfg.max_skipped_steps:
-                    why = ("on_nonfinite=stop" if tcfg.on_nonfinite == "stop"
-                           else f"{skipped} steps in a row, max_skipped_steps={tcfg.max_skipped_steps}")
-                    raise SystemExit(f"error: {what}. Stopped ({why}) without saving: {last_good()}. Lower "
-                                     "learning_rate, or set grad_clip, z_loss_coef=1e-3 or gate_norm=true to "
-                                     "steady the router, then continue with --init_from=resume")
+                steady = ("lower learning_rate or raise warmup_iters (z_loss_coef=1e-3 or gate_norm=true steady "
+                          "the router) and continue with --init_from=resume")
+                if tcfg.on_nonfinite == "stop":
+                    raise SystemExit(f"error: {what}. Stopped (on_nonfinite=stop) without saving: {last_good()}. "
+                                     "If this is rare, continue with --init_from=resume --on_nonfinite=skip; if "
+                                     f"it recurs, {steady}")
+                if skipped > tcfg.max_skipped_steps:
+                    raise SystemExit(f"error: {what}. Stopped after {skipped} bad steps in a row (max_skipped_steps="
+                                     f"{tcfg.max_skipped_steps}) without saving: {last_good()}. The run diverges: "
+                                     f"{steady}")
                 say(f"warning: {what}: update skipped ({skipped} in a row; on_nonfinite=skip)", flush=True)
                 if is_main:
-                    log_record(metrics, {"iter": iter_num, "tokens": iter_num * tokens_per_step, "skipped": step.problem})
+                    log_record(metrics, {"iter": iter_num, "tokens": iter_num * tokens_per_step,
+                                         "skipped": step.problem})
                 continue
             skipped = 0
             update_balance_state(model, coeffs, step.stats, step.loads, tcfg)
@@ -1210,9 +1228,6 @@ def run(model_cfg, tcfg, sources, device, autocast, groups, stop=None):
                     alphas = " ".join(f"{a:.4f}" for a in coeffs.alpha)
                     line += f" | drop% {drops} | alpha {alphas}"
                 print(line, flush=True)
-    finally:
-        if metrics is not None:
-            metrics.close()
     return last
 
 

@@ -424,6 +424,9 @@ def main(argv):
     except UpcycleError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except OSError as e:  # disk full, permissions: write_checkpoint has removed what it had started
+        print(f"error: {e} (nothing was written to {out_path})", file=sys.stderr)
+        sys.exit(1)
     cfg, counts = result.config, result.param_counts
     print(f"wrote {out_path}: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active")
     if not cfg.n_expert:

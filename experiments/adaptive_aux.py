@@ -72,9 +72,12 @@ def job_keys(scale):
     return common.preset(scale, **MOE_KEYS, **SCALE_KEYS[scale])
 
 
-def plan(scale, seeds, root, data_dir):
+def plan(scale, seeds, root, data_dir, max_iters=None):
     """One stage: every (variant, seed) run."""
-    return [common.local_data(common.grid(VARIANTS, seeds, root, job_keys(scale)), scale, data_dir)]
+    keys = job_keys(scale)
+    if max_iters:
+        keys["max_iters"] = max_iters
+    return [common.local_data(common.grid(VARIANTS, seeds, root, keys), scale, data_dir)]
 
 # -----------------------------------------------------------------------------
 # analysis
@@ -223,6 +226,7 @@ def plot_curves(runs, path):
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
     ax[0, 2].axhline(0, color="k", lw=0.5)
+    common.zoom_y(ax[1, 2], 0.25)
     fig.suptitle("Adaptive auxiliary loss coefficients (Skywork-MoE Fig. 4) and alternatives")
     return common.save_figure(fig, path)
 
@@ -252,7 +256,8 @@ def analyse(stages, scale, out, data_dir, log=print):
 
 
 def main(argv=None):
-    return common.run_experiment(argv, EXPERIMENT, __doc__.strip().splitlines()[0], DEFAULT_SEEDS, plan, analyse)
+    return common.run_experiment(argv, EXPERIMENT, __doc__.strip().splitlines()[0], DEFAULT_SEEDS, plan, analyse,
+                                 list(VARIANTS))
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -95,6 +95,10 @@ def make_parser(description, default_seeds):
     p.add_argument("--analyse-only", action="store_true", help="only rebuild tables and plots from the runs")
     p.add_argument("--dry-run", action="store_true", help="print the plan (and torchrun commands), run nothing")
     p.add_argument("--nproc", type=int, default=GPUS_PER_NODE, help="GPUs per node for --scale full")
+    p.add_argument("--max_iters", type=int, default=None,
+                   help="override the run length (upcycling: D, the dense run's iterations); results go to "
+                        "<experiment>_<scale>_<N>it")
+    p.add_argument("--variants", default=None, help="comma-separated subset of the variants to run")
     p.add_argument("--publish", action="store_true",
                    help="copy the tables and plots to experiments/results/ (for the README)")
     return p
@@ -108,6 +112,8 @@ def parse_args(parser, argv, default_seeds):
         parser.error(f"--seeds {args.seeds}: need at least 1")
     if args.jobs < 1 or args.threads < 1:
         parser.error("--jobs and --threads must be >= 1")
+    if args.max_iters is not None and args.max_iters < 3:
+        parser.error(f"--max_iters {args.max_iters}: need at least 3")
     if args.dry_run and args.scale != "full":
         parser.error("--dry-run prints the full-scale plan: use it with --scale full")
     if args.scale == "full" and args.nproc % FULL_EP_SIZE:
@@ -182,7 +188,8 @@ def run_one(run, threads=1):
     os.makedirs(run.out_dir, exist_ok=True)
     model_cfg, train_cfg, sources = load_config(run.argv())
     t0 = time.time()
-    with open(os.path.join(run.out_dir, "train.log"), "w") as log, contextlib.redirect_stdout(log):
+    log_name = run.done_name.replace("done", "train").replace(".json", ".log")  # done.json -> train.log
+    with open(os.path.join(run.out_dir, log_name), "w") as log, contextlib.redirect_stdout(log):
         train(model_cfg, train_cfg, sources)
     wall = time.time() - t0
     with open(os.path.join(run.out_dir, run.done_name), "w") as f:
@@ -372,6 +379,12 @@ def plot_band(ax, curves, label, color=None, window=1, xscale=1.0, **kw):
     return line
 
 
+def zoom_y(ax, span):
+    """Show the lowest `span` of a loss panel (its first points would flatten the differences)."""
+    lo = min(float(np.nanmin(line.get_ydata())) for line in ax.get_lines() if len(line.get_ydata()))
+    ax.set_ylim(lo - 0.05 * span, lo + span)
+
+
 def save_figure(fig, path, dpi=80):
     fig.savefig(path, dpi=dpi)
     return path
@@ -517,19 +530,27 @@ def launch_full(runs, nproc, log=print):
 # -----------------------------------------------------------------------------
 # the flow of every script: plan -> (dry-run | run the stages) -> analyse -> (publish)
 
-def run_experiment(argv, experiment, description, default_seeds, plan, analyse, full_dataset="fineweb"):
-    """plan(scale, seeds, out_dir, data_dir) -> stages (lists of Runs, and Steps between them);
-    analyse(stages, scale, out_dir, data_dir) -> summary dict (writes the tables and plots)."""
+def run_experiment(argv, experiment, description, default_seeds, plan, analyse, variants, full_dataset="fineweb"):
+    """plan(scale, seeds, out_dir, data_dir, max_iters) -> stages (lists of Runs, and Steps between them);
+    analyse(stages, label, out_dir, data_dir) -> summary dict (writes the tables and plots; label is the
+    scale, with the run length appended when --max_iters overrides it). variants: what --variants picks from."""
     parser = make_parser(description, default_seeds)
     args = parse_args(parser, argv, default_seeds)
-    out = os.path.abspath(args.out or default_out(experiment, args.scale))
+    chosen = args.variants.split(",") if args.variants else list(variants)
+    unknown = sorted(set(chosen) - set(variants))
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(variants)}")
+    label = args.scale if args.max_iters is None else f"{args.scale}_{args.max_iters}it"
+    out = os.path.abspath(args.out or default_out(experiment, label))
     data_dir = args.data_dir
     if args.scale == "full":
         # torchrun jobs run in the repository root with paths relative to it (train.py's data_dir default)
         out = os.path.relpath(out, REPO)
         if not args.dry_run:
             os.chdir(REPO)
-    stages = plan(args.scale, seed_list(args.seeds), out, data_dir)
+    stages = plan(args.scale, seed_list(args.seeds), out, data_dir, args.max_iters)
+    stages = [[r for r in st if r.variant in chosen or r.variant not in variants] if isinstance(st, list) else st
+              for st in stages]
     if args.dry_run:
         vocab = read_vocab_size(args.data_dir, full_dataset, GPT2_VOCAB)
         print_plan(f"{experiment}, full scale: {description}", stages, args.nproc, vocab)
@@ -546,9 +567,9 @@ def run_experiment(argv, experiment, description, default_seeds, plan, analyse, 
                 launch_full(stage, args.nproc)
             else:
                 run_all(stage, args.jobs, args.threads, args.force)
-    summary = analyse(stages, args.scale, out, args.data_dir)
+    summary = analyse(stages, label, out, args.data_dir)
     if args.publish:
-        publish(out, [f"{experiment}_{args.scale}"])
+        publish(out, [f"{experiment}_{label}"])
     return summary
 
 

@@ -76,15 +76,14 @@ PAPER = {
 PAPER_DENSE = "~2.44"
 
 
-def budget_iters(scale, budget):
-    d = DENSE_ITERS[scale]
-    return d // 3 if budget == "D/3" else d
+def budget_iters(D, budget):
+    return D // 3 if budget == "D/3" else D
 
 # -----------------------------------------------------------------------------
 # the plan: dense to D/3, keep it, dense on to D, upcycle both, then the MoE runs
 
-def plan(scale, seeds, root, data_dir):
-    D = DENSE_ITERS[scale]
+def plan(scale, seeds, root, data_dir, max_iters=None):
+    D = max_iters or DENSE_ITERS[scale]
     base = common.preset(scale, **SCALE_KEYS[scale], **LR)
     if scale != "full":
         base["data_dir"] = data_dir
@@ -104,7 +103,7 @@ def plan(scale, seeds, root, data_dir):
         upcycle_steps.append(upcycle_step(d3_ckpt, inits["D/3"], seed))
         upcycle_steps.append(upcycle_step(os.path.join(dense_dir, "ckpt.pt"), inits["D"], seed))
         for name, budget, source, keys, _ in MOE_RUNS:
-            k = dict(base, **MOE_KEYS, max_iters=budget_iters(scale, budget), save_checkpoint=False, **keys)
+            k = dict(base, **MOE_KEYS, max_iters=budget_iters(D, budget), save_checkpoint=False, **keys)
             if source != "scratch":
                 k["init_from"] = inits[source]  # train.py then takes the model config from the checkpoint
             if scale == "full":
@@ -235,8 +234,7 @@ def plot_curves(stages, summary, path):
     for p, budget in ((0, "D/3"), (1, "D")):
         ax[0, p].axhline(dense_ref, color="tab:brown", ls="--", lw=1, label="dense model after D tokens")
         ax[0, p].set_title(f"validation loss, MoE budget {budget}", fontsize=10)
-        lo = min(float(np.min(line.get_ydata())) for line in ax[0, p].get_lines())
-        ax[0, p].set_ylim(lo - 0.02, lo + 0.6)
+        common.zoom_y(ax[0, p], 0.6)
     ax[0, 2].set_title("expert similarity (mean pairwise cosine)", fontsize=10)
     for a in ax.flat:
         a.set_xlabel("MoE training tokens (M)")
@@ -252,7 +250,7 @@ def analyse(stages, scale, out, data_dir, log=print):
     summary = summarise(stages)
     stem = f"{EXPERIMENT}_{scale}"
     moe_runs = [r for r in common.all_runs(stages) if r.variant != "dense"]
-    D = DENSE_ITERS[scale]
+    D = max(r.keys["max_iters"] for r in common.all_runs(stages) if r.variant == "dense")
     dense_final = [r for r in common.all_runs(stages) if r.variant == "dense"][-1]
     setup = (f"Dense: {common.describe_setup([dense_final])} Cosine 3e-3 -> 3e-4 over D = {D} "
              f"iterations; checkpoints at D/3 = {D // 3} and D. MoE: {MOE_KEYS['n_expert']} experts top-"
@@ -269,7 +267,8 @@ def analyse(stages, scale, out, data_dir, log=print):
 
 
 def main(argv=None):
-    return common.run_experiment(argv, EXPERIMENT, __doc__.strip().splitlines()[0], DEFAULT_SEEDS, plan, analyse)
+    return common.run_experiment(argv, EXPERIMENT, __doc__.strip().splitlines()[0], DEFAULT_SEEDS, plan, analyse,
+                                 [r[0] for r in MOE_RUNS])
 
 
 if __name__ == "__main__":

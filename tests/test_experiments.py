@@ -84,6 +84,15 @@ def test_upcycling_smoke(tmp_path, char_data_dir):
     assert [e["iter"] for e in dense["evals"]][-1] == upcycling.DENSE_ITERS["smoke"]
 
 
+def test_variant_subset_and_run_length(tmp_path, char_data_dir):
+    with contextlib.redirect_stdout(io.StringIO()):
+        summary = gate_norm.main(["--scale", "smoke", "--variants", "no_norm,lambda_1", "--max_iters", "6",
+                                  "--out", str(tmp_path), "--data_dir", char_data_dir])
+    assert set(summary["variants"]) == {"no_norm", "lambda_1"}
+    assert (tmp_path / "gate_norm_smoke_6it.md").exists()
+    assert common.read_metrics(tmp_path / "lambda_1_s1337")["evals"][-1]["iter"] == 6
+
+
 def test_tracking_lag_of_an_exponential_average():
     """On a slow ramp of drop rates, eq. 9's alpha lags xi * d by ~beta/(1-beta) steps."""
     from router import AuxCoefficients
