@@ -60,7 +60,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train
-from model import GPT, MLP, ModelConfig, MoE
+from model import GPT, MLP, Experts, ModelConfig, MoE
 from router import AuxCoefficients
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -312,8 +312,9 @@ def load_model_module_at(rev):
 
 def train_variants(argv, device, baseline=None, compile_model=False, seed=0):
     """name -> callable running one training step of the preset argv on random tokens: "current"
-    (this checkout), "baseline" (a GPT class from load_model_module_at) and "compiled" (torch.compile
-    of the current model) if asked, and "matmul" (the MFU reference). Returns (fns, tokens per step,
+    (this checkout), "current, loop experts" (Experts.impl = "loop"), "baseline" (a GPT class from
+    load_model_module_at) and "compiled" (torch.compile of the current model) if asked, and
+    "matmul" (the MFU reference). Returns (fns, tokens per step,
     training FLOPs per token, FLOPs of the matmul)."""
     model_cfg, tcfg, _ = train.load_config([*argv, "vocab_size=65"])
     autocast = default_autocast(device)
@@ -336,6 +337,11 @@ def train_variants(argv, device, baseline=None, compile_model=False, seed=0):
     torch.manual_seed(seed)
     model = GPT(model_cfg).to(device)
     fns = {"current": step_fn(model)}
+    looped = copy.deepcopy(model)
+    for m in looped.modules():
+        if isinstance(m, Experts):
+            m.impl = "loop"
+    fns["current, loop experts"] = step_fn(looped)
     if baseline is not None:
         known = {f.name for f in fields(baseline.ModelConfig)}
         old = baseline.GPT(baseline.ModelConfig(**{k: v for k, v in asdict(model_cfg).items() if k in known}))
@@ -357,7 +363,8 @@ def train_rows(presets, repeats, device, baseline=None, compile_model=False, log
     for name, argv in presets.items():
         fns, tokens, flops_per_token, matmul_flops = train_variants(argv, device, baseline, compile_model)
         log(f"  timing preset {name}: {', '.join(fns)}")
-        t = time_interleaved(fns, repeats, warmup=2, device=device)
+        # compiling takes minutes, and recompiles for new token counts per expert: warm up longer
+        t = time_interleaved(fns, repeats, warmup=8 if compile_model else 2, device=device)
         peak = matmul_flops / t.pop("matmul")
         for variant, seconds in t.items():
             tok_s = tokens / seconds
@@ -411,7 +418,7 @@ def run_sections(args, device):
     if args.train:
         baseline = load_model_module_at(args.baseline_rev) if args.baseline_rev else None
         train_repeats = repeats if args.quick else 2 * repeats  # steps are short: more rounds, same time
-        says(f"\nmeasuring training steps ({train_repeats} interleaved rounds after two warm-ups) ...")
+        says(f"\nmeasuring training steps ({train_repeats} interleaved rounds after {8 if args.compile else 2} warm-ups) ...")
         rows = train_rows(TRAIN_PRESETS, train_repeats, device, baseline, args.compile, log=says)
         for r in rows:
             if r["code"] == "baseline":

@@ -171,8 +171,9 @@ class Experts(nn.Module):
                        runs on CPU in float32 and on CUDA in bfloat16 (grouped_mm_dtype), so the
                        float64 tests take the loop
     impl = "auto" picks grouped where it runs, "loop" / "grouped" force one (bench.py, tests).
-    On this 2-core CPU both are within a few % of each other (the loop was slow only while it
-    indexed self.w1[e], see forward_loop); grouped_mm is what a GPU needs.
+    On a CPU the two are close (bench.py: the loop wins by up to ~10 % at E <= 16, its elementwise
+    ops run on per-expert slices still in cache; grouped wins at E = 64 and small batches, fewer
+    Python and autograd steps); on a GPU grouped avoids the host sync and E small kernel launches.
     """
 
     def __init__(self, n_expert, n_embd, hidden):
@@ -217,14 +218,16 @@ class Experts(nn.Module):
 def grouped_mm_dtype(x_ND, w_EFD):
     """The dtype torch.nn.functional.grouped_mm runs these experts in, or None where only the loop
     runs: float32 on CPU (not float64, so the exactness tests take the loop), bfloat16 on CUDA sm80+
-    (autocast does not cast grouped_mm's inputs: forward_grouped does). Rows of x, h and the weights
-    must be 16-byte aligned: D and F multiples of 4 in float32, of 8 in bfloat16."""
-    autocast_bf16 = torch.is_autocast_enabled(x_ND.device.type) and torch.get_autocast_dtype(x_ND.device.type) == torch.bfloat16
-    if x_ND.device.type == "cuda" and (x_ND.dtype == torch.bfloat16 or autocast_bf16) \
-            and torch.cuda.get_device_capability(x_ND.device) >= (8, 0):
+    (under bf16 autocast forward_grouped casts the inputs itself: CPU autocast leaves grouped_mm in
+    float32). Rows of x, h and the weights must be 16-byte aligned: D and F multiples of 4 in
+    float32, of 8 in bfloat16."""
+    device = x_ND.device.type
+    if device == "cuda" and torch.cuda.get_device_capability(x_ND.device) >= (8, 0) and (
+            x_ND.dtype == torch.bfloat16 or torch.get_autocast_dtype("cuda") == torch.bfloat16
+            and torch.is_autocast_enabled("cuda")):
         dtype = torch.bfloat16
-    elif x_ND.device.type == "cpu" and x_ND.dtype == w_EFD.dtype == torch.float32 \
-            and not torch.is_autocast_enabled("cpu"):
+    elif device == "cpu" and x_ND.dtype == w_EFD.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") \
+            and not torch.compiler.is_compiling():  # torch.compile's grouped_mm accepts only bf16
         dtype = torch.float32
     else:
         return None

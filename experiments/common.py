@@ -11,7 +11,7 @@ Nothing here runs on import. The scripts are
     python experiments/upcycling.py    --scale ...
 
 Scales: `smoke` is a seconds-long run of every code path (the tests use it); `small` is the CPU
-reproduction published in experiments/README.md (character-level tiny Shakespeare, a 4-layer
+reproduction published in README.md ("Reproducing the paper") (character-level tiny Shakespeare, a 4-layer
 128-wide model); `full` is a GPT-2-small-sized MoE on FineWeb under torchrun (printed with
 --dry-run, launched without it).
 """
