@@ -3,33 +3,38 @@ Throughput benchmarks: how close the MoE layer and the training step come to the
 limit (an MoE layer does the arithmetic of K experts per token; routing, sorting, gathering and
 scattering are overhead), and what expert parallelism's exchanges cost. Each section is a function
 that returns table rows, and a command-line flag; with no flag, sections (a)-(d) run, measured in one
-process run:
+process run. The tables are markdown (README.md's efficiency section is one such run):
 
-    python bench.py                       # (a)-(d) at full size (about 20 min on 2 busy CPU cores)
-    python bench.py --quick               # the same tables at small sizes, under a minute
+    python bench.py                       # (a)-(d) at full size: ~7 min on 2 idle cores, ~30 min busy
+    python bench.py --quick               # the same tables at small sizes: ~10 s idle, ~1-2 min busy
     python bench.py --layer --routing     # only sections (a) and (c)
     python bench.py --train --baseline-rev 5c9ea8f   # (b), also timing model.py + router.py of a commit
-    python bench.py --train --compile     # (b), also the torch.compile'd model (minutes to compile)
+    python bench.py --train --compile     # (b), also the torch.compile'd model (a first compile: minutes)
     python bench.py --threads 1           # torch threads (default: torch's choice, one per core)
     python bench.py --ep                  # expert parallelism's dispatch + combine (gloo, 2 processes)
     python bench.py --ep --tokens=8192 --n_embd=512 --expert_hidden=1024
 
 (a) --layer    one MoE layer's forward+backward tokens/s against a dense SwiGLU FFN with the same
-               active FLOPs (hidden = K x expert hidden), for the grouped-matmul experts (the default
-               where grouped_mm runs), the per-expert loop, and a naive reference (a boolean mask over
-               all tokens per expert, weights indexed per expert)
-(b) --train    the full training step of train.py (forward, balance loss, backward, clip, AdamW) in
-               tokens/s and MFU on active parameters (PaLM formula, model.flops_per_token), for the
-               default preset and the experiments' preset; MFU is against a large matmul timed in the
-               same rounds, since a shared CPU has no honest datasheet peak
+               active FLOPs (hidden = K x expert hidden), for the default experts (grouped_mm where it
+               runs), the per-expert loop (Experts.impl = "loop"), and a naive reference (a boolean mask
+               over all tokens per expert, weights indexed per expert)
+(b) --train    the full training step of train.py (forward, balance loss, backward, clip, AdamW,
+               balance update) in tokens/s and MFU on active parameters (PaLM formula,
+               model.flops_per_token), for the default preset and the experiments' preset. MFU is
+               against a large matmul timed in the same rounds: a shared CPU has no honest datasheet peak
 (c) --routing  routing alone (router + sort + gather + scatter, forward+backward: the layer with
                pass-through experts) as a share of the layer's time, and the router's part of it
-(d) --memory   peak memory of the MoE layer's forward+backward against the dense equivalent
+(d) --memory   peak memory of the MoE layer's forward+backward against the dense equivalent, and the
+               activations saved for backward alone (weight gradients are E/K times the dense ones)
 
 Method: the variants of one case alternate round-robin (the order rotated every round) and medians
 are reported, so load from other processes slows them all alike; every ratio is between numbers of
 one run. The layer benchmark routes dropless (capacity_factor = 0), so the MoE layer does exactly
 K experts' arithmetic per token, like its dense equivalent. CPU runs float32; CUDA bfloat16 autocast.
+A busy machine hurts the MoE layer more than the dense one: with 2 threads on 2 oversubscribed cores
+every parallel op waits for a descheduled thread, and the MoE layer runs many more ops (a matmul
+per expert and weight, where the dense layer has one); --threads 1 is then fairer, and faster. The CPU profiler may
+print "USDT" lines on stderr during (d); `2>/dev/null` hides them.
 
 --ep times one MoE layer's forward + backward on each of 2 gloo processes (one CPU thread each), on
 the same tokens: with every expert local (no communication: the data-parallel layer), with the experts
