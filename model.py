@@ -12,7 +12,7 @@ N kept (token, expert) slots; see router.py for the routing tensors.
 """
 import math
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -84,9 +84,6 @@ class ModelConfig:
     def moe_layer_ids(self):
         return [i for i in range(self.n_layer) if self.is_moe_layer(i)]
 
-
-def config_field_names(cls):
-    return [f.name for f in fields(cls)]
 
 # -----------------------------------------------------------------------------
 # dense pieces

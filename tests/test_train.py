@@ -1,6 +1,5 @@
 """Training loop tests: config handling, a short run that learns, metrics, stop-and-resume, sampling,
 data preparation. All on the quick-start preset (config/shakespeare_char.toml) made smaller."""
-import dataclasses
 import json
 import os
 import subprocess
