@@ -307,16 +307,6 @@ def grad_norm(model, groups):
     return (dense_sq + shard_sq).sqrt()
 
 
-def clip_grad_norm_(model, max_norm, groups, eps=1e-6):
-    """torch.nn.utils.clip_grad_norm_ for a model whose experts are sharded (grad_norm above).
-    Returns the total norm."""
-    total = grad_norm(model, groups)
-    coef = (max_norm / (total + eps)).clamp(max=1.0)  # torch's clip_grad_norm_ formula
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.mul_(coef)
-    return total
-
 # -----------------------------------------------------------------------------
 # 6. checkpoints: always the full model, so a run saved at one ep_size resumes at any other
 #
@@ -348,33 +338,36 @@ def _optimizer_params(optimizer):
     return [p for g in optimizer.param_groups for p in g["params"]]
 
 
-def full_optimizer_state(optimizer, model, groups):
-    """optimizer.state_dict() with each expert shard's per-parameter tensors (AdamW's exp_avg,
-    exp_avg_sq: same shape as the shard) gathered to the full (E, ...) shape."""
-    state = optimizer.state_dict()
-    if groups is None or groups.ep_size == 1:
-        return state
+def _map_expert_moments(state, optimizer, model, fn):
+    """state (an optimizer state_dict) with fn(tensor, param) applied to every per-parameter tensor of
+    the sharded expert parameters (AdamW's exp_avg, exp_avg_sq); scalars such as step stay as they are."""
     shard_ids = {id(p) for p in sharded_parameters(model)}
     per_param = dict(state["state"])
     for i, p in enumerate(_optimizer_params(optimizer)):
         if id(p) in shard_ids and i in per_param:
-            per_param[i] = {k: _gather_rows(v, groups.ep_group) if torch.is_tensor(v) and v.shape == p.shape else v
+            per_param[i] = {k: fn(v, p) if torch.is_tensor(v) and v.dim() == p.dim() else v
                             for k, v in per_param[i].items()}
     return {**state, "state": per_param}
+
+
+def full_optimizer_state(optimizer, model, groups):
+    """optimizer.state_dict() with each expert shard's moments (same shape as the shard) gathered to
+    the full (E, ...) shape."""
+    state = optimizer.state_dict()
+    if groups is None or groups.ep_size == 1:
+        return state
+    return _map_expert_moments(state, optimizer, model, lambda v, p: _gather_rows(v, groups.ep_group))
 
 
 def shard_optimizer_state(state, optimizer, model, groups):
     """The inverse of full_optimizer_state for this rank: slice full (E, ...) moments to its experts."""
     if groups is None or groups.ep_size == 1:
         return state
-    shard_ids = {id(p) for p in sharded_parameters(model)}
-    per_param = dict(state["state"])
-    for i, p in enumerate(_optimizer_params(optimizer)):
-        if id(p) in shard_ids and i in per_param:
-            lo, hi = groups.expert_range(p.shape[0] * groups.ep_size)
-            per_param[i] = {k: v[lo:hi].clone() if torch.is_tensor(v) and v.dim() == p.dim() and v.shape[1:] == p.shape[1:] else v
-                            for k, v in per_param[i].items()}
-    return {**state, "state": per_param}
+
+    def shard(v, p):
+        lo, hi = groups.expert_range(p.shape[0] * groups.ep_size)
+        return v[lo:hi].clone()
+    return _map_expert_moments(state, optimizer, model, shard)
 
 # -----------------------------------------------------------------------------
 # 7. failing on every rank

@@ -488,14 +488,26 @@ def checkpoint_model_config(ckpt, where="the checkpoint"):
                          "by another version of the code") from None
 
 
+def shapes_of(state):
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def state_mismatches(want, have):
+    """How two {name: shape} tables differ: (names only in want, names only in have,
+    [(name, shape in have, shape in want)] for the names whose shapes differ)."""
+    missing = [k for k in want if k not in have]
+    extra = [k for k in have if k not in want]
+    wrong = [(k, have[k], want[k]) for k in want if k in have and have[k] != want[k]]
+    return missing, extra, wrong
+
+
 def check_state_fits(model, state, where="the checkpoint"):
     """Every name and shape of state against the model's, before load_state_dict (whose error is a wall
     of text). A mismatch means the file was written by another version of model.py, or edited."""
-    want = model.state_dict()
-    problems = [f"{k} is {tuple(state[k].shape)} there, {tuple(v.shape)} in the model"
-                for k, v in want.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    problems += [f"{k} is missing" for k in want if k not in state]
-    problems += [f"{k} is not in the model" for k in state if k not in want]
+    missing, extra, wrong = state_mismatches(shapes_of(model.state_dict()), shapes_of(state))
+    problems = [f"{k} is {h} there, {w} in the model" for k, h, w in wrong]
+    problems += [f"{k} is missing" for k in missing]
+    problems += [f"{k} is not in the model" for k in extra]
     if problems:
         more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
         raise SystemExit(f"error: {where} does not fit the model its config describes: "
@@ -513,10 +525,11 @@ def model_config_conflicts(model_cfg, ckpt_cfg, sources):
     parts = [f"{k}={getattr(model_cfg, k)!r} ({sources[k]}), {getattr(ckpt_cfg, k)!r} in the checkpoint" for k in keys]
     mine = model_cfg if "vocab_size" in keys else dataclasses.replace(model_cfg, vocab_size=ckpt_cfg.vocab_size)
     with torch.device("meta"):  # shapes only: no memory, whatever the size
-        a, b = GPT(ckpt_cfg).state_dict(), GPT(mine).state_dict()
-    shapes = [f"{k} {tuple(v.shape)} -> {tuple(b[k].shape)}" for k, v in a.items() if k in b and v.shape != b[k].shape]
-    shapes += [f"{k} only in the checkpoint" for k in a if k not in b]
-    shapes += [f"{k} only in the config" for k in b if k not in a]
+        only_ckpt, only_cfg, wrong = state_mismatches(shapes_of(GPT(ckpt_cfg).state_dict()),
+                                                      shapes_of(GPT(mine).state_dict()))
+    shapes = [f"{k} {w} -> {h}" for k, h, w in wrong]
+    shapes += [f"{k} only in the checkpoint" for k in only_ckpt]
+    shapes += [f"{k} only in the config" for k in only_cfg]
     if shapes:
         more = f" (and {len(shapes) - 4} more)" if len(shapes) > 4 else ""
         parts.append(f"parameter shapes that differ: {', '.join(shapes[:4])}{more}")
@@ -623,13 +636,12 @@ def forward_backward(model, batches, coeffs, tcfg, autocast, groups=None, n_grou
     return sum(ces) / n, sum(stats) / n, sum(loads) / n
 
 
-def optimizer_step(model, optimizer, tcfg, groups=None):
-    """Clip (the global norm, experts counted once under expert parallelism), step, zero the grads."""
+def optimizer_step(model, optimizer, tcfg, groups=None, norm=None):
+    """Clip to the global gradient norm (experts counted once under expert parallelism; norm: already
+    measured, else measured here), step, zero the grads."""
     if tcfg.grad_clip > 0:
-        if groups is None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        else:
-            ep.clip_grad_norm_(model, tcfg.grad_clip, groups)
+        norm = grad_norm(model, groups) if norm is None else norm
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), tcfg.grad_clip, norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -677,11 +689,9 @@ def guarded_step(model, optimizer, batches, coeffs, tcfg, autocast, groups=None,
     problem = None
     if host[1]:
         problem = describe_nonfinite(float(host[2]), float(host[3]), host_stats, model)
+        optimizer.zero_grad(set_to_none=True)
     else:
-        if tcfg.grad_clip > 0:  # clip_grad_norm_ in two halves, the norm measured above
-            torch.nn.utils.clip_grads_with_norm_(model.parameters(), tcfg.grad_clip, norm)
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, tcfg, groups, norm)
     return StepResult(ce, float(host[2]), host_stats, loads, float(host[3]), problem, int(host[0]))
 
 

@@ -46,7 +46,7 @@ import sys
 import torch
 
 from model import GPT, ModelConfig, expert_similarity
-from train import TrainConfig, load_checkpoint, model_view, save_checkpoint
+from train import TrainConfig, load_checkpoint, model_view, save_checkpoint, shapes_of, state_mismatches
 
 
 class UpcycleError(ValueError):
@@ -58,16 +58,13 @@ class UpcycleError(ValueError):
 def expected_shapes(cfg):
     """{name: shape} of GPT(cfg)'s state dict, from a meta-device model (no memory, any size)."""
     with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
+        return shapes_of(GPT(cfg).state_dict())
 
 
 def check_state(state, cfg, what):
     """Raise UpcycleError unless state has exactly GPT(cfg)'s names and shapes."""
-    want = expected_shapes(cfg)
-    missing = [k for k in want if k not in state]
-    unexpected = [k for k in state if k not in want]
-    wrong = [f"{k}: holds {tuple(state[k].shape)}, the config implies {want[k]}"
-             for k in want if k in state and tuple(state[k].shape) != want[k]]
+    missing, unexpected, wrong = state_mismatches(expected_shapes(cfg), shapes_of(state))
+    wrong = [f"{k}: holds {h}, the config implies {w}" for k, h, w in wrong]
     if missing or unexpected or wrong:
         shown = "; ".join([f"missing {k}" for k in missing[:3]] + [f"unexpected {k}" for k in unexpected[:3]] + wrong[:3])
         dims = (f"n_layer={cfg.n_layer} n_embd={cfg.n_embd} n_head={cfg.n_head} n_kv_head={cfg.n_kv_head} "
