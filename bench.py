@@ -1,49 +1,64 @@
 """
 Throughput benchmarks: how close the MoE layer and the training step come to the dense-equivalent
 limit (an MoE layer does the arithmetic of K experts per token; routing, sorting, gathering and
-scattering are overhead), and what expert parallelism's exchanges cost. Each section is a function
-that returns table rows, and a command-line flag; with no flag, sections (a)-(d) run, measured in one
-process run. The tables are markdown (README.md's efficiency section is one such run):
+scattering are overhead), how it compares with the implementation most users would otherwise pick
+(transformers' Mixtral block), what expert parallelism's exchanges cost, and a one-command GPU check.
+Each section is a function that returns table rows, and a command-line flag; with no flag, sections
+(a)-(e) run in one process. Progress goes to stderr and the tables, markdown, to stdout at the end
+(README.md's efficiency section quotes them):
 
-    python bench.py                       # (a)-(d) at full size: ~7 min on 2 idle cores, ~30 min busy
-    python bench.py --quick               # the same tables at small sizes: ~10 s idle, ~1-2 min busy
+    python bench.py                       # (a)-(e) at full size: ~12 min on 2 idle cores, far more busy
+    python bench.py --quick               # the same tables at small sizes: ~20 s idle, ~1-2 min busy
     python bench.py --layer --routing     # only sections (a) and (c)
+    python bench.py --peer                # (e): ours / dense and ours / transformers at E = 8, 16, 64
     python bench.py --train --baseline-rev 5c9ea8f   # (b), also timing model.py + router.py of a commit
     python bench.py --train --compile     # (b), also the torch.compile'd model (a first compile: minutes)
     python bench.py --threads 1           # torch threads (default: torch's choice, one per core)
     python bench.py --ep                  # expert parallelism's dispatch + combine (gloo, 2 processes)
     python bench.py --ep --tokens=8192 --n_embd=512 --expert_hidden=1024
+    python bench.py --gpu                 # the GPU check (<= 8 min on one H200); on CPU a dry run
 
 (a) --layer    one MoE layer's forward+backward tokens/s against a dense SwiGLU FFN with the same
                active FLOPs (hidden = K x expert hidden), for the default experts (grouped_mm where it
                runs), the per-expert loop (Experts.impl = "loop"), and a naive reference (a boolean mask
                over all tokens per expert, weights indexed per expert)
-(b) --train    the full training step of train.py (forward, balance loss, backward, clip, AdamW,
-               balance update) in tokens/s and MFU on active parameters (PaLM formula,
-               model.flops_per_token), for the default preset and the experiments' preset. MFU is
-               against a large matmul timed in the same rounds: a shared CPU has no honest datasheet peak
+(b) --train    the full training step of train.py (train.build, train.train_step, the balance update)
+               in tokens/s and MFU on active parameters (PaLM formula, model.flops_per_token), for the
+               default preset and the experiments' preset. MFU against the datasheet bf16 peak of the
+               GPU (DATASHEET_BF16_TFLOPS, by device name) and, beside it, against a large matmul timed
+               in the same rounds (the only reference a shared CPU has)
 (c) --routing  routing alone (router + sort + gather + scatter, forward+backward: the layer with
                pass-through experts) as a share of the layer's time, and the router's part of it
 (d) --memory   peak memory of the MoE layer's forward+backward against the dense equivalent, and the
                activations saved for backward alone (weight gradients are E/K times the dense ones)
+(e) --peer     ours against Hugging Face transformers' MixtralSparseMoeBlock, eager and grouped_mm
+               experts, and the dense equivalent, with identical weights: first the outputs and input
+               gradients must agree (1e-4 relative, dropless, float32), then all are timed round-robin
 
 Method: the variants of one case alternate round-robin (the order rotated every round) and medians
 are reported, so load from other processes slows them all alike; every ratio is between numbers of
-one run. The layer benchmark routes dropless (capacity_factor = 0), so the MoE layer does exactly
+one run. The layer benchmarks route dropless (capacity_factor = 0), so the MoE layer does exactly
 K experts' arithmetic per token, like its dense equivalent. CPU runs float32; CUDA bfloat16 autocast.
 A busy machine hurts the MoE layer more than the dense one: with 2 threads on 2 oversubscribed cores
 every parallel op waits for a descheduled thread, and the MoE layer runs many more ops (a matmul
-per expert and weight, where the dense layer has one); --threads 1 is then fairer, and faster. The CPU profiler may
-print "USDT" lines on stderr during (d); `2>/dev/null` hides them.
+per expert and weight, where the dense layer has one); --threads 1 is then fairer, and faster.
 
 --ep times one MoE layer's forward + backward on each of 2 gloo processes (one CPU thread each), on
 the same tokens: with every expert local (no communication: the data-parallel layer), with the experts
-sharded over the 2 ranks (expert_parallel.py: count exchange, token all-to-all, local experts, the
-reverse all-to-all, and both exchanges again in backward), and dispatch + combine alone on the
-layer's routed rows (identity experts): the overhead itself. Both layers do the same expert FLOPs in
-expectation (each rank processes about T * K slots either way), but not in the same shape: the
-sharded rank runs half the experts on twice the rows each. The variants alternate every iteration so a
-busy machine slows all alike; the slower rank's median is reported (a step waits for it).
+sharded over the 2 ranks (expert_parallel.shard_experts: count exchange, token all-to-all, local
+experts, the reverse all-to-all, and both exchanges again in backward), and dispatch + combine alone
+on the layer's routed rows (identity experts). Then it profiles the sharded layer and splits dispatch +
+combine into its phases (expert_parallel.py's record_function labels): count exchange, split-size
+sync, token exchanges forward and backward, permutations. Both layers do the same expert FLOPs in
+expectation, but not in the same shape: the sharded rank runs half the experts on twice the rows
+each. The variants alternate every iteration so a busy machine slows all alike; the slower rank's
+median is reported (a step waits for it).
+
+--gpu: bf16 experts (grouped_mm on sm90 / sm100, else the loop) against the fp32 loop, relative error
+within GPU_CHECK_TOL; then a few hundred train.train_step steps of the full-scale gate-normalization
+model (experiments/gate_norm.py, 2.5B parameters, ep_size=1) on random tokens, compile off and on:
+tokens/s, MFU on active parameters, peak memory. Without a GPU it runs at toy sizes on the CPU (the
+test suite's dry run), and says so.
 """
 import argparse
 import copy
@@ -64,9 +79,11 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+import expert_parallel as ep
+import tensor_parallel as tp
 import train
-from model import GPT, MLP, Experts, ModelConfig, MoE
-from router import AuxCoefficients
+from config import load_config
+from model import MLP, Experts, ModelConfig, MoE, grouped_mm_dtype, padded_vocab_size
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -132,6 +149,9 @@ class LayerCase:
 
 class PassThrough(nn.Module):
     """Experts that return their input: the layer is then routing alone (section c)."""
+
+    def compute_dtype(self, x_ND):
+        return x_ND.dtype
 
     def forward(self, x_ND, counts_E):
         return x_ND
@@ -280,6 +300,99 @@ def memory_rows(cases, device):
     return rows
 
 # -----------------------------------------------------------------------------
+# (e): against the peer, Hugging Face transformers' Mixtral MoE block, with identical weights
+
+PEER_IMPLS = ("eager", "grouped_mm")  # transformers' per-expert loop and its grouped_mm experts
+
+
+def peer_blocks(moe):
+    """transformers' MixtralSparseMoeBlock (eager and grouped_mm experts) holding moe's weights: the
+    gate is our router's weight, gate_up_proj is [w1; w3] stacked per expert, down_proj is w2. It
+    renormalises the top-k softmax probabilities (eq. 2) and has no gating logit normalization, so
+    moe must be built with gate_norm=False; it has no capacity, so moe must be dropless."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    E, F_, D = moe.experts.w1.shape
+    blocks = {}
+    for impl in PEER_IMPLS:
+        cfg = MixtralConfig(hidden_size=D, intermediate_size=F_, num_local_experts=E,
+                            num_experts_per_tok=moe.router.top_k)
+        cfg._experts_implementation = impl
+        block = MixtralSparseMoeBlock(cfg).to(moe.experts.w1.device)
+        with torch.no_grad():
+            block.gate.weight.copy_(moe.router.weight)
+            block.experts.gate_up_proj.copy_(torch.cat([moe.experts.w1, moe.experts.w3], dim=1))
+            block.experts.down_proj.copy_(moe.experts.w2)
+        blocks[impl] = block
+    return blocks
+
+
+def peer_variants(case, device, seed=0):
+    """name -> one forward+backward of: "dense" (the equal-FLOPs SwiGLU), "ours" (model.MoE, default
+    experts), "ours, loop" and transformers' two implementations, on the same input and output
+    gradient, in float32, dropless and without gate normalization (the function the peer computes).
+    Raises if the outputs or input gradients differ by more than 1e-4 relative: a race between
+    different functions would mean nothing."""
+    torch.manual_seed(seed)
+    T, D, K = case.tokens, case.n_embd, case.top_k
+    cfg = ModelConfig(n_embd=D, n_head=1, n_expert=case.n_expert, top_k=K, capacity_factor=0, gate_norm=False)
+    moe = MoE(cfg).to(device)
+    dense = MLP(D, K * cfg.expert_hidden).to(device)
+    with torch.no_grad():
+        for p in list(moe.parameters()) + list(dense.parameters()):
+            p.normal_(0.0, 0.02)
+    loop = copy.deepcopy(moe)
+    loop.experts.impl = "loop"
+    layers = {"dense": dense, "ours": moe, "ours, loop": loop}
+    layers.update({f"transformers {k}": b for k, b in peer_blocks(moe).items()})
+    x = torch.randn(1, T, D, device=device, requires_grad=True)
+    grad = torch.randn(1, T, D, device=device)
+
+    def step(layer):
+        def run():
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            y = layer(x)
+            y = y[0] if isinstance(y, tuple) else y  # ours returns (y, router output)
+            y.backward(grad)
+            return y.detach(), x.grad
+        return run
+
+    fns = {name: step(layer) for name, layer in layers.items()}
+    y_ref, g_ref = fns["ours"]()
+    for name in layers:
+        if name != "dense":
+            for what, a, b in zip(("output", "input gradient"), fns[name](), (y_ref, g_ref)):
+                err = ((a - b).norm() / b.norm()).item()
+                if not err <= 1e-4:
+                    raise RuntimeError(f"{name} disagrees with ours at E={case.n_expert}: {what} relative "
+                                       f"error {err:.1e}")
+    return fns
+
+
+def peer_rows(cases, repeats, device, log=print):
+    """(e): ours against the dense equivalent and against transformers' two implementations."""
+    rows = []
+    for case in cases:
+        fns = peer_variants(case, device)
+        log(f"  outputs agree (1e-4); timing E={case.n_expert} T={case.tokens} D={case.n_embd}: {', '.join(fns)}")
+        t = time_interleaved(fns, repeats, device=device)
+        faster_peer = min(t[f"transformers {k}"] for k in PEER_IMPLS)
+        row = {"E": case.n_expert, "T": case.tokens, "D": case.n_embd, "F": ModelConfig(n_embd=case.n_embd).ffn_hidden}
+        row.update({f"{name} ms": 1e3 * s for name, s in t.items()})
+        row.update({"ours / dense": t["dense"] / t["ours"], "loop / dense": t["dense"] / t["ours, loop"]})
+        row.update({f"ours / transformers {k}": t[f"transformers {k}"] / t["ours"] for k in PEER_IMPLS})
+        row["ours / faster transformers"] = faster_peer / t["ours"]
+        rows.append(row)
+    return rows
+
+
+def peer_cases(quick):
+    """The issue's comparison: E in {8, 16, 64}, T = 8192, D = 512 (F = 1408), top-2; quick: T=512, D=64."""
+    return [LayerCase(E, 512 if quick else 8192, 64 if quick else 512) for E in (8, 16, 64)]
+
+
+# -----------------------------------------------------------------------------
 # (b): the full training step
 
 # presets: train.py arguments. The experiments' preset is the gate-norm / adaptive-aux experiments'
@@ -315,51 +428,68 @@ def load_model_module_at(rev):
             sys.modules.update(current)
 
 
-def train_variants(argv, device, baseline=None, compile_model=False, seed=0):
-    """name -> callable running one training step of the preset argv on random tokens: "current"
-    (this checkout), "current, loop experts" (Experts.impl = "loop"), "baseline" (a GPT class from
-    load_model_module_at) and "compiled" (torch.compile of the current model) if asked, and
-    "matmul" (the MFU reference). Returns (fns, tokens per step,
-    training FLOPs per token, FLOPs of the matmul)."""
-    model_cfg, tcfg, _ = train.load_config([*argv, "vocab_size=65"])
-    autocast = default_autocast(device)
+def train_setup(argv, device):
+    """(model_cfg, tcfg, model, optimizer, coeffs) of train.py's preset argv, built by train.build as a
+    single-process run builds them."""
+    (model_cfg, tcfg), _ = load_config(list(argv), [ModelConfig, train.TrainConfig])
+    torch.manual_seed(tcfg.seed)
+    model, optimizer, coeffs = train.build(model_cfg, tcfg, device, tp.TPGroups.local())
+    return model_cfg, tcfg, model, optimizer, coeffs
+
+
+def random_batch(model_cfg, tcfg, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    x, y = (torch.randint(0, model_cfg.vocab_size, (tcfg.batch_size, model_cfg.block_size), generator=gen).to(device)
-            for _ in range(2))
+    shape = (tcfg.batch_size, model_cfg.block_size)
+    return [tuple(torch.randint(0, model_cfg.vocab_size, shape, generator=gen).to(device) for _ in range(2))]
 
-    def step_fn(model, compiled=False):
-        optimizer = torch.optim.AdamW(model.optim_groups(tcfg.weight_decay), lr=tcfg.learning_rate,
-                                      betas=(tcfg.beta1, tcfg.beta2), fused=device.type == "cuda")
-        coeffs = AuxCoefficients(len(model_cfg.moe_layer_ids), tcfg.aux_coef_mode, tcfg.aux_alpha,
-                                 tcfg.aux_xi, tcfg.aux_alpha_max, tcfg.aux_beta)
-        net = torch.compile(model) if compiled else model
 
-        def step():
-            _, stats, loads = train.train_step(net, optimizer, [(x, y)], coeffs, tcfg, autocast)
-            train.update_balance_state(model, coeffs, stats, loads, tcfg)
-        return step
+def step_fn(model, optimizer, coeffs, tcfg, batches, autocast, compiled=False):
+    """One training step exactly as train.py's loop takes it: train.train_step (forward, balance loss,
+    backward, clip, AdamW), then the balance update."""
+    net = torch.compile(model) if compiled else model
+    groups = tp.TPGroups.local()
 
-    torch.manual_seed(seed)
-    model = GPT(model_cfg).to(device)
-    fns = {"current": step_fn(model)}
-    looped = copy.deepcopy(model)
-    for m in looped.modules():
-        if isinstance(m, Experts):
-            m.impl = "loop"
-    fns["current, loop experts"] = step_fn(looped)
-    if baseline is not None:
-        known = {f.name for f in fields(baseline.ModelConfig)}
-        old = baseline.GPT(baseline.ModelConfig(**{k: v for k, v in asdict(model_cfg).items() if k in known}))
-        old.to(device)
-        old.load_state_dict(model.state_dict())
-        fns["baseline"] = step_fn(old)
-    if compile_model:
-        fns["compiled"] = step_fn(copy.deepcopy(model), compiled=True)
+    def step():
+        res = train.train_step(net, optimizer, batches, coeffs, tcfg, autocast, groups)
+        train.update_balance_state(model, coeffs, res.stats, res.loads, tcfg)
+    return step
+
+
+def matmul_fn(device):
+    """A large matmul in the compute dtype (the measured-peak reference) and its FLOPs."""
     n = 4096 if device.type == "cuda" else 1024
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
             for _ in range(2))
-    fns["matmul"] = lambda: a @ b
-    return fns, tcfg.batch_size * model_cfg.block_size, model.flops_per_token(), 2 * n ** 3
+    return lambda: a @ b, 2 * n ** 3
+
+
+def train_variants(argv, device, baseline=None, compile_model=False):
+    """name -> callable running one training step of the preset argv on random tokens: "current"
+    (this checkout), "current, loop experts" (Experts.impl = "loop"), "baseline" (a GPT class from
+    load_model_module_at) and "compiled" (torch.compile of the current model) if asked, and
+    "matmul" (the MFU reference). Returns (fns, tokens per step, training FLOPs per token, FLOPs of
+    the matmul)."""
+    argv = [*argv, "vocab_size=65"]
+    autocast = default_autocast(device)
+    model_cfg, tcfg, model, optimizer, coeffs = train_setup(argv, device)
+    batches = random_batch(model_cfg, tcfg, device)
+    fns = {"current": step_fn(model, optimizer, coeffs, tcfg, batches, autocast)}
+    _, _, looped, optimizer, coeffs = train_setup(argv, device)
+    for m in looped.modules():
+        if isinstance(m, Experts):
+            m.impl = "loop"
+    fns["current, loop experts"] = step_fn(looped, optimizer, coeffs, tcfg, batches, autocast)
+    if baseline is not None:
+        known = {f.name for f in fields(baseline.ModelConfig)}
+        old = baseline.GPT(baseline.ModelConfig(**{k: v for k, v in asdict(model_cfg).items() if k in known}))
+        old.to(device).load_state_dict(model.state_dict())
+        optimizer = torch.optim.AdamW(old.optim_groups(tcfg.weight_decay), lr=tcfg.learning_rate)
+        fns["baseline"] = step_fn(old, optimizer, coeffs, tcfg, batches, autocast)
+    if compile_model:
+        _, _, plain, optimizer, coeffs = train_setup(argv, device)
+        fns["compiled"] = step_fn(plain, optimizer, coeffs, tcfg, batches, autocast, compiled=True)
+    fns["matmul"], matmul_flops = matmul_fn(device)
+    return fns, tcfg.batch_size * model_cfg.block_size, model.flops_per_token(), matmul_flops
 
 
 def train_rows(presets, repeats, device, baseline=None, compile_model=False, log=print):
@@ -370,13 +500,40 @@ def train_rows(presets, repeats, device, baseline=None, compile_model=False, log
         log(f"  timing preset {name}: {', '.join(fns)}")
         # compiling takes minutes, and recompiles for new token counts per expert: warm up longer
         t = time_interleaved(fns, repeats, warmup=8 if compile_model else 2, device=device)
-        peak = matmul_flops / t.pop("matmul")
+        measured = matmul_flops / t.pop("matmul")
+        datasheet = datasheet_peak_flops(device)
         for variant, seconds in t.items():
             tok_s = tokens / seconds
-            rows.append({"preset": name, "code": variant, "tokens/step": tokens, "step ms": 1e3 * seconds,
-                         "tok/s": tok_s, "MFU %": 100 * tok_s * flops_per_token / peak,
-                         "matmul GFLOP/s": peak / 1e9})
+            row = {"preset": name, "code": variant, "tokens/step": tokens, "step ms": 1e3 * seconds, "tok/s": tok_s}
+            if datasheet:
+                row["MFU %"] = 100 * tok_s * flops_per_token / datasheet
+            row["MFU vs matmul %"] = 100 * tok_s * flops_per_token / measured
+            row["matmul GFLOP/s"] = measured / 1e9
+            rows.append(row)
     return rows
+
+
+# Dense (not 2:4 sparse) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s, matched against
+# torch.cuda.get_device_name in this order (the first substring that occurs wins). MFU is quoted against
+# these, as papers do; the measured matmul rate beside it reads 1.3-1.6x higher on these GPUs.
+DATASHEET_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("GH200", 989.4), ("H100", 989.4),
+    ("H200", 989.4), ("H800", 989.4), ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0), ("A800", 312.0),
+    ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
+    ("RTX 4090", 165.2), ("RTX 3090", 71.0), ("RTX A6000", 154.8),
+)
+
+
+def datasheet_peak_flops(device, name=None):
+    """The datasheet bf16 peak of a CUDA device in FLOP/s, or None (a CPU, or a GPU not in the table)."""
+    if name is None:
+        if device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(device)
+    for key, tflops in DATASHEET_BF16_TFLOPS:
+        if key in name:
+            return tflops * 1e12
+    return None
 
 # -----------------------------------------------------------------------------
 # printing
@@ -406,35 +563,53 @@ def layer_cases(quick):
 
 
 def run_sections(args, device):
-    says = lambda *a: print(*a, flush=True)  # noqa: E731
+    """Measure the chosen sections, logging progress to stderr; returns [(title, rows)], printed together
+    at the end, so no progress line or profiler message lands inside a table."""
+    says = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     repeats = args.repeats or (3 if args.quick else 5)
     cases = layer_cases(args.quick)
+    tables = []
     if args.layer or args.routing:
-        names = ["dense", "moe"] + (["loop", "naive"] if args.layer else []) + (["routing", "router"] if args.routing else [])
-        says(f"\nmeasuring the MoE layer ({repeats} interleaved rounds after one warm-up) ...")
+        names = ["dense", "moe"] + (["loop", "naive"] if args.layer else [])
+        names += ["routing", "router"] if args.routing else []
+        says(f"measuring the MoE layer ({repeats} interleaved rounds after one warm-up) ...")
         measured = measure_layers(cases, names, repeats, device, log=says)
         if args.layer:
-            says("\n(a) MoE layer forward+backward vs its dense equivalent (SwiGLU, hidden K*F), top-2, dropless; "
-                 "ratios are throughput ratios (higher is better for the MoE)\n")
-            says(markdown_table(layer_rows(measured)))
+            tables.append(("(a) MoE layer forward+backward vs its dense equivalent (SwiGLU, hidden K*F), top-2, "
+                           "dropless; ratios are throughput ratios (higher is better for the MoE)",
+                           layer_rows(measured)))
         if args.routing:
-            says("\n(c) routing alone (router + sort + gather + scatter, fwd+bwd) as a share of the MoE layer's time\n")
-            says(markdown_table(routing_rows(measured)))
+            tables.append(("(c) routing alone (router + sort + gather + scatter, fwd+bwd) as a share of the MoE "
+                           "layer's time", routing_rows(measured)))
     if args.train:
         baseline = load_model_module_at(args.baseline_rev) if args.baseline_rev else None
         train_repeats = repeats if args.quick else 2 * repeats  # steps are short: more rounds, same time
-        says(f"\nmeasuring training steps ({train_repeats} interleaved rounds after {8 if args.compile else 2} warm-ups) ...")
+        says(f"measuring training steps ({train_repeats} interleaved rounds after "
+             f"{8 if args.compile else 2} warm-ups) ...")
         rows = train_rows(TRAIN_PRESETS, train_repeats, device, baseline, args.compile, log=says)
         for r in rows:
             if r["code"] == "baseline":
                 r["code"] = f"baseline ({args.baseline_rev})"
-        says("\n(b) full training step (train.train_step + balance update), random tokens; MFU on active "
-             "parameters against the matmul rate measured in the same rounds\n")
-        says(markdown_table(rows))
+        tables.append(("(b) full training step (train.train_step + balance update), random tokens; MFU on active "
+                       "parameters against the datasheet bf16 peak (GPUs) and against the matmul rate measured in "
+                       "the same rounds", rows))
     if args.memory:
-        says("\n(d) memory of one forward+backward: peak (activations and weight gradients), and the "
-             "activations saved for backward alone\n")
-        says(markdown_table(memory_rows(cases, device)))
+        says("measuring memory ...")
+        tables.append(("(d) memory of one forward+backward: peak (activations and weight gradients), and the "
+                       "activations saved for backward alone", memory_rows(cases, device)))
+    if args.peer:
+        says(f"measuring against transformers' MixtralSparseMoeBlock ({repeats} interleaved rounds) ...")
+        tables.append(("(e) ours against transformers' MixtralSparseMoeBlock (eager and grouped_mm experts) with "
+                       "identical weights, and the dense equivalent: forward+backward, dropless, no gate "
+                       "normalization; ratios are throughput ratios (> 1: ours is faster)",
+                       peer_rows(peer_cases(args.quick), repeats, device, log=says)))
+    return tables
+
+
+def print_tables(tables):
+    for title, rows in tables:
+        print(f"\n{title}\n\n{markdown_table(rows)}", flush=True)
+
 
 # -----------------------------------------------------------------------------
 # expert parallelism: dispatch + combine overhead under gloo
@@ -452,15 +627,32 @@ class EPBenchConfig:
     world: int = 2
 
 
-def _free_port():
+def free_port():
+    """A free TCP port on the loopback interface, for a gloo rendezvous (bench.py --ep, the tests)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+# where dispatch + combine spend their time: expert_parallel.py's record_function labels (forward) and
+# the autograd nodes of its exchange and permutation (backward), as the profiler names them
+EP_PHASES = {"count exchange": ("ep.counts",), "split sizes (host sync)": ("ep.split_sizes",),
+             "token exchange, forward": ("ep.tokens",),
+             "token exchange, backward": ("autograd::engine::evaluate_function: AllToAllBackward",),
+             "permutation, fwd+bwd": ("ep.permute", "autograd::engine::evaluate_function: _PermuteRowsBackward")}
+
+
+def ep_phase_seconds(fn, iters):
+    """Seconds per call of fn() spent in each phase of EP_PHASES (the profiler's CPU totals, waiting for
+    the peer included: that is what the step pays)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            fn()
+    total = {e.key: e.cpu_time_total for e in prof.key_averages()}
+    return {phase: sum(total.get(k, 0.0) for k in keys) / 1e6 / iters for phase, keys in EP_PHASES.items()}
+
+
 def _ep_bench_rank(rank, cfg, port, queue):
-    import expert_parallel as ep
-    from model import MoE, ModelConfig
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cfg.world,
                             timeout=datetime.timedelta(seconds=120))
@@ -472,12 +664,7 @@ def _ep_bench_rank(rank, cfg, port, queue):
         local = MoE(mcfg)
         for p in local.parameters():
             torch.nn.init.normal_(p, std=0.02)
-        sharded = copy.deepcopy(local)
-        sharded.experts = ep.ParallelExperts(cfg.n_expert, cfg.n_embd, cfg.expert_hidden, groups)
-        lo, hi = groups.expert_range(cfg.n_expert)
-        with torch.no_grad():
-            for name in ("w1", "w3", "w2"):
-                getattr(sharded.experts, name).copy_(getattr(local.experts, name)[lo:hi])
+        sharded = ep.shard_experts(copy.deepcopy(local), groups)
         x = torch.randn(1, cfg.tokens, cfg.n_embd, generator=torch.Generator().manual_seed(rank))
 
         def timed(fn):
@@ -495,7 +682,7 @@ def _ep_bench_rank(rank, cfg, port, queue):
 
         def exchange_fwd_bwd(x_ND, counts_E):
             # dispatch + combine alone, identity experts: the count exchange, the token all-to-all and
-            # its reverse, the (source, expert) sort and unsort, and both exchanges again in backward
+            # its reverse, the permutations, and both exchanges again in backward
             xi = x_ND.clone().requires_grad_()
             x_MD, plan = ep.dispatch(xi, counts_E, groups.ep_group)
             ep.combine(x_MD, plan).square().mean().backward()
@@ -514,9 +701,11 @@ def _ep_bench_rank(rank, cfg, port, queue):
                     times[name].append(dt)
                 if name == "exchange":
                     received = out
+        dist.barrier()
+        phases = ep_phase_seconds(lambda: layer_fwd_bwd(sharded), max(1, cfg.iters // 2))
         kept = int(r.counts_E.sum())
         sent = int(r.counts_E.sum() - r.counts_E.view(cfg.world, -1)[rank].sum())  # slots for the other ranks
-        queue.put((rank, {k: statistics.median(v) for k, v in times.items()}, kept, sent, received))
+        queue.put((rank, {k: statistics.median(v) for k, v in times.items()}, kept, sent, received, phases))
     finally:
         dist.destroy_process_group()
 
@@ -526,7 +715,7 @@ def bench_ep(cfg: EPBenchConfig):
     layer with local experts ("local_s"), with sharded experts ("ep_s"), and of dispatch + combine
     alone ("exchange_s"), and the slot counts."""
     ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), _free_port()
+    queue, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_ep_bench_rank, args=(r, cfg, port, queue)) for r in range(cfg.world)]
     for p in procs:
         p.start()
@@ -539,6 +728,7 @@ def bench_ep(cfg: EPBenchConfig):
                 p.kill()
     slowest = {k: max(r[1][k] for r in results) for k in results[0][1]}
     return {"local_s": slowest["local"], "ep_s": slowest["ep"], "exchange_s": slowest["exchange"],
+            "phases_s": {k: max(r[5][k] for r in results) for k in EP_PHASES},
             "kept_slots_per_rank": [r[2] for r in sorted(results)],
             "slots_sent_to_other_ranks": [r[3] for r in sorted(results)],
             "rows_for_local_experts_ep": [r[4] for r in sorted(results)]}
@@ -553,11 +743,121 @@ def print_ep(cfg, res):
     print(f"  {'layer, all experts local (no communication)':<46}: {1e3 * res['local_s']:8.1f} ms")
     print(f"  {f'layer, experts sharded (ep_size={cfg.world})':<46}: {1e3 * res['ep_s']:8.1f} ms")
     print(f"  {'dispatch + combine alone (fwd+bwd)':<46}: {1e3 * res['exchange_s']:8.1f} ms "
-          f"= {100 * res['exchange_s'] / res['local_s']:.0f} % of the local layer")
+          f"= {100 * res['exchange_s'] / res['ep_s']:.0f} % of the sharded layer "
+          f"({100 * res['exchange_s'] / res['local_s']:.0f} % of the local one)")
+    low, high = res["phases_min_s"], res["phases_max_s"]
+    print(f"  inside the sharded layer (profiled): dispatch + combine {1e3 * sum(low.values()):.1f} ms on the rank "
+          f"that waits least ({100 * sum(low.values()) / res['ep_s']:.0f} %), {1e3 * sum(high.values()):.1f} ms on "
+          f"the one that waits most ({100 * sum(high.values()) / res['ep_s']:.0f} %: waiting for the slower rank)")
+    for phase in EP_PHASES:
+        print(f"    {phase:<44}: {1e3 * low[phase]:8.2f} - {1e3 * high[phase]:8.2f} ms")
     print(f"  rows sent to other ranks: {sent} of {max(res['kept_slots_per_rank'])} kept slots, "
           f"{mib:.1f} MiB per rank per fwd+bwd")
     print(f"  rows each rank's experts process: {res['kept_slots_per_rank']} local, "
           f"{res['rows_for_local_experts_ep']} sharded (the busier rank sets the pace)")
+
+
+# -----------------------------------------------------------------------------
+# --gpu: the one-command GPU check (<= 8 minutes on one H200-class GPU; a dry run of seconds on CPU)
+
+# bf16 experts against the fp32 loop: bf16 keeps 8 bits of mantissa (relative rounding 2^-9 ~ 2e-3 per
+# element); through three matmuls with fp32 accumulation the relative (Frobenius) error of the output and
+# of every gradient stays near 1e-2, so 2e-2 passes healthy kernels and fails a wrong one (errors ~1)
+GPU_CHECK_TOL = 2e-2
+
+
+def rel_error(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def expert_precision_rows(device, E, D, F_, tokens, seed=0):
+    """The experts as a bf16 run computes them (impl="auto" under bf16 autocast: grouped_mm on sm90 /
+    sm100, else the loop) against the fp32 loop, on the same rows, weights and output gradient."""
+    torch.manual_seed(seed)
+    ref = Experts(E, D, F_).to(device)
+    for w in ref.parameters():
+        torch.nn.init.normal_(w, std=0.02)
+    ref.impl = "loop"
+    fast = copy.deepcopy(ref)
+    fast.impl = "auto"
+    counts_E = torch.distributions.Multinomial(tokens, torch.ones(E)).sample().long().to(device)
+    x = torch.randn(tokens, D, device=device)
+    grad = torch.randn(tokens, D, device=device)
+    out = {}
+    for name, ex, autocast in (("fp32 loop", ref, torch.autocast(device.type, enabled=False)),
+                               ("bf16", fast, torch.autocast(device.type, dtype=torch.bfloat16))):
+        xi = x.clone().requires_grad_()
+        with autocast:
+            y = ex(xi, counts_E)
+        y.backward(grad.to(y.dtype))
+        out[name] = (y, xi.grad, ex.w1.grad, ex.w3.grad, ex.w2.grad)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        impl = "grouped_mm" if grouped_mm_dtype(x, fast.w1) else "loop"
+    errors = [rel_error(a, b) for a, b in zip(out["bf16"], out["fp32 loop"])]
+    return [{"check": f"bf16 experts ({impl}) vs fp32 loop", "E": E, "D": D, "F": F_, "rows": tokens,
+             "max rel. error": max(errors), "tolerance": GPU_CHECK_TOL, "ok": max(errors) <= GPU_CHECK_TOL}]
+
+
+def gpu_check_argv(dry):
+    """train.py settings of the full-scale gate-normalization model (experiments/gate_norm.py) on one
+    GPU (ep_size=1), one micro-batch per step; dry: its smoke scale, the same code path in seconds."""
+    from experiments import gate_norm
+    keys = {**gate_norm.job_keys("smoke" if dry else "full"), "ep_size": 1, "grad_accum": 1,
+            "vocab_size": 65 if dry else padded_vocab_size(50257)}
+    if not dry:
+        keys["batch_size"] = 16  # 16 x 1024 tokens per step
+    known = {f.name for cls in (ModelConfig, train.TrainConfig) for f in fields(cls)}
+    return [f"{k}={v}" for k, v in keys.items() if k in known and k not in ("device", "dataset")]
+
+
+def training_rows(device, steps, warmup, dry, compile_modes=(False, True), log=print):
+    """Tokens/s, MFU on active parameters and peak memory of train.train_step on the gate-norm model,
+    with torch.compile off and on (each a fresh model; the compiled one warms up longer)."""
+    rows = []
+    measure, matmul_flops = matmul_fn(device)
+    peak_measured = matmul_flops / min(time_interleaved({"m": measure}, 5, device=device).values())
+    for compiled in compile_modes:
+        model_cfg, tcfg, model, optimizer, coeffs = train_setup(gpu_check_argv(dry), device)
+        batches = random_batch(model_cfg, tcfg, device)
+        step = step_fn(model, optimizer, coeffs, tcfg, batches, default_autocast(device), compiled)
+        log(f"  training, compile {'on' if compiled else 'off'}: {warmup} warm-up + {steps} timed steps")
+        t_warm = time.perf_counter()
+        for _ in range(warmup):
+            step()
+        synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        seconds = (time.perf_counter() - t0) / steps
+        tok_s = tcfg.batch_size * model_cfg.block_size / seconds
+        flops = tok_s * model.flops_per_token()
+        row = {"check": f"train_step, compile {'on' if compiled else 'off'}", "params": model.param_counts()["total"],
+               "active": model.param_counts()["active"], "tokens/step": tcfg.batch_size * model_cfg.block_size,
+               "warm-up s": t0 - t_warm, "step ms": 1e3 * seconds, "tok/s": tok_s}
+        datasheet = datasheet_peak_flops(device)
+        if datasheet:
+            row["MFU %"] = 100 * flops / datasheet
+        row["MFU vs matmul %"] = 100 * flops / peak_measured
+        if device.type == "cuda":
+            row["peak GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+        rows.append(row)
+        del model, optimizer, step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def gpu_check(device, steps=None, compile_modes=(False, True), log=print):
+    """The GPU check's tables: expert precision, then training. On a CPU (no GPU here) a dry run at toy
+    sizes, which the test suite runs: every line of the check executes, the numbers mean nothing."""
+    dry = device.type != "cuda"
+    sizes = dict(E=4, D=32, F_=48, tokens=64) if dry else dict(E=16, D=1024, F_=2944, tokens=16384)
+    precision = expert_precision_rows(device, **sizes)
+    training = training_rows(device, steps or (2 if dry else 200), 1 if dry else 20, dry, compile_modes, log)
+    return precision, training
 
 
 # -----------------------------------------------------------------------------
@@ -571,35 +871,52 @@ def main(argv=None):
     parser.add_argument("--routing", action="store_true", help="(c) routing overhead share of the layer")
     parser.add_argument("--memory", action="store_true", help="(d) peak memory, MoE layer vs dense")
     parser.add_argument("--quick", action="store_true", help="small sizes: (a)-(d) in under a minute")
-    parser.add_argument("--repeats", type=int, default=0, help="timed rounds per case (default 5, quick 3; (b) twice that)")
+    parser.add_argument("--repeats", type=int, default=0,
+                        help="timed rounds per case (default 5, quick 3; (b) twice that)")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     parser.add_argument("--baseline-rev", default=None,
                         help="(b): also time model.py and router.py of this git revision, in the same rounds")
     parser.add_argument("--compile", action="store_true", help="(b): also time the torch.compile'd model")
+    parser.add_argument("--peer", action="store_true", help="(e) against transformers' Mixtral MoE block")
+    parser.add_argument("--gpu", action="store_true",
+                        help="the GPU check: bf16 experts vs fp32 loop, training tok/s, MFU, memory (CPU: a dry run)")
+    parser.add_argument("--gpu_steps", type=int, default=0, help="--gpu: timed training steps (default 200)")
     parser.add_argument("--ep", action="store_true", help="expert-parallel dispatch + combine overhead (gloo)")
     defaults = asdict(EPBenchConfig())
     for name, value in defaults.items():
         parser.add_argument(f"--{name}", type=type(value), default=value, help="--ep setting")
     args = parser.parse_args(argv)
-    sections = args.layer or args.train or args.routing or args.memory
-    if not sections and not args.ep:
-        args.layer = args.train = args.routing = args.memory = sections = True
-    if args.threads < 0 or args.repeats < 0:
-        parser.error("--threads and --repeats must be >= 0")
-
-    if sections:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        name = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
-        device = torch.device(name)
-        what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-        print(f"bench.py: torch {torch.__version__}, {what}, "
-              f"{'bfloat16 autocast' if device.type == 'cuda' else 'float32'}; "
-              f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
+    sections = args.layer or args.train or args.routing or args.memory or args.peer
+    if not sections and not args.ep and not args.gpu:
+        args.layer = args.train = args.routing = args.memory = args.peer = sections = True
+    if args.threads < 0 or args.repeats < 0 or args.gpu_steps < 0:
+        parser.error("--threads, --repeats and --gpu_steps must be >= 0")
+    if args.device not in ("auto", "cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        parser.error(f"--device {args.device}: use auto, cpu or cuda (cuda only where torch sees a GPU)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    auto_cuda = args.device == "auto" and torch.cuda.is_available()
+    device = torch.device("cuda" if auto_cuda else args.device.replace("auto", "cpu"))
+    what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    precision = "bfloat16 autocast" if device.type == "cuda" else "float32"
+    header = (f"bench.py: torch {torch.__version__}, {what}, {precision}; "
+              f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; "
+              f"load average {os.getloadavg()[0]:.1f} at start")
+    if sections or args.gpu:
+        print(header, flush=True)
         t0 = time.time()
-        run_sections(args, device)
+        tables = run_sections(args, device) if sections else []
+        if args.gpu:
+            precision, training = gpu_check(device, args.gpu_steps or None,
+                                            log=lambda *a: print(*a, file=sys.stderr, flush=True))
+            dry = " (a CPU dry run: no GPU here, the numbers mean nothing)" if device.type != "cuda" else ""
+            tables += [(f"GPU check: expert precision{dry}", precision),
+                       (f"GPU check: training the full-scale gate-norm model, ep_size=1{dry}", training)]
+        print_tables(tables)
         print(f"\n({time.time() - t0:.0f} s; load average {os.getloadavg()[0]:.1f} at the end)", flush=True)
+        if args.gpu and not all(r["ok"] for r in tables[-2][1]):
+            sys.exit("GPU check failed: bf16 experts differ from the fp32 loop beyond the tolerance")
     if args.ep:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         cfg = EPBenchConfig(**{k: getattr(args, k) for k in defaults})

@@ -18,35 +18,38 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from router import RouterOutput, Router
+from config import ConfigError, check_settings, load_config, setting
+from router import Router, RouterOutput, full_fp32_matmul
 
 # -----------------------------------------------------------------------------
 # config
 
 @dataclass
 class ModelConfig:
-    # the defaults are the tiny CPU model of the quick start (config/shakespeare_char.toml)
-    vocab_size: int = 65           # set from the dataset's meta.json by train.py
-    block_size: int = 64           # context length
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int = 0             # grouped-query attention: 0 means n_head (plain multi-head)
-    n_embd: int = 128
-    ffn_hidden: int = 0            # dense SwiGLU hidden size; 0 means 8/3 * n_embd rounded to 64
-    dropout: float = 0.0
-    norm_eps: float = 1e-6         # RMSNorm eps (Skywork: 1e-6)
-    rope_theta: float = 10000.0
+    # the defaults are the tiny CPU model of the quick start (config/shakespeare_char.toml); each numeric
+    # setting's valid range is declared with it, as in TrainConfig: setting(default, lowest, highest)
+    vocab_size: int = setting(65, 1, 1 << 24)  # set from the dataset's meta.json by train.py
+    block_size: int = setting(64, 1, 1 << 20)  # context length
+    n_layer: int = setting(4, 1, 1024)
+    n_head: int = setting(4, 1, 1024)
+    n_kv_head: int = setting(0, 0, 1024)  # grouped-query attention: 0 means n_head (plain multi-head)
+    n_embd: int = setting(128, 2, 1 << 17)
+    ffn_hidden: int = setting(0, 0, 1 << 20)  # dense SwiGLU hidden size; 0 means 8/3 * n_embd rounded to 64
+    dropout: float = setting(0.0, 0.0, 0.99)
+    norm_eps: float = setting(1e-6, 1e-12, 0.1)  # RMSNorm eps (Skywork: 1e-6)
+    rope_theta: float = setting(10000.0, 1.0, 1e12)
     tie_embeddings: bool = False   # Skywork and Llama: untied; some small Llama-format models tie
-    init_std: float = 0.02         # Skywork-MoE uses 0.01 at 146B scale
+    init_std: float = setting(0.02, 1e-6, 1.0)  # Skywork-MoE uses 0.01 at 146B scale
     # --- Mixture-of-Experts (n_expert = 0: a dense model)
-    n_expert: int = 8
-    top_k: int = 2
-    expert_hidden: int = 0         # per-expert hidden size; 0 means ffn_hidden
-    moe_every: int = 1             # 1: every FFN is MoE (Skywork-MoE); 2: every other layer (1, 3, ...)
-    capacity_factor: float = 1.25  # C = ceil(cf * T * K / E) per expert and group; 0 = dropless
+    n_expert: int = setting(8, 0, 4096)
+    top_k: int = setting(2, 1, 4096)
+    expert_hidden: int = setting(0, 0, 1 << 20)  # per-expert hidden size; 0 means ffn_hidden
+    moe_every: int = setting(1, 1, 1024)  # 1: every FFN is MoE (Skywork-MoE); 2: every other layer (1, 3, ...)
+    capacity_factor: float = setting(1.25, 0.0, 1e4)  # C = ceil(cf * T * K / E) per expert and group; 0 = dropless
     gate_norm: bool = True         # gating logit normalization, eq. 6
-    gate_lambda: float = 1.0       # lambda of eq. 6 (paper: 1; tried 0.5, 1, 2)
-    aux_loss: str = "eq4"          # "eq4" (Skywork, squared deviation), "switch" (n sum f P), "none"
+    gate_lambda: float = setting(1.0, 1e-6, 1e3)  # lambda of eq. 6 (paper: 1; tried 0.5, 1, 2)
+    # "switch" (n sum f P), "eq4" (Skywork's form, ~30x weaker: router.py), "none"
+    aux_loss: str = setting("switch", choices=("switch", "eq4", "none"))
     aux_free_bias: bool = False    # auxiliary-loss-free balancing bias on the selection scores
 
     def __post_init__(self):
@@ -67,6 +70,9 @@ class ModelConfig:
             need(self.gate_lambda > 0, f"gate_lambda={self.gate_lambda} must be > 0 (paper: 1; tried 0.5, 1, 2)")
             need(not self.gate_norm or self.n_expert >= 2, "gate_norm needs n_expert >= 2 (the std over one logit is undefined): set gate_norm=false")
             need(self.aux_loss in ("eq4", "switch", "none"), f"aux_loss={self.aux_loss!r}: use 'eq4', 'switch' or 'none'")
+            need(self.moe_every <= self.n_layer, f"moe_every={self.moe_every} > n_layer={self.n_layer} leaves no MoE layer: "
+                 "lower moe_every, or set n_expert=0 for a dense model")
+        check_settings(self)  # every declared range (non-finite values included), before the sizes below
         if self.ffn_hidden == 0:
             self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
         if self.expert_hidden == 0:
@@ -83,6 +89,15 @@ class ModelConfig:
     @property
     def moe_layer_ids(self):
         return [i for i in range(self.n_layer) if self.is_moe_layer(i)]
+
+
+def padded_vocab_size(vocab_size, multiple=64):
+    """A BPE vocabulary rounded up to a multiple of 64 (GPT-2's 50,257 -> 50,304), the embedding's and
+    lm_head's row count. The extra ids never occur in the data, so their logits only learn to stay
+    low; what it buys is an embedding and lm_head whose row count GPU matmul kernels tile without a
+    ragged edge (nanoGPT's choice). Meant for BPE vocabularies: a 65-symbol character vocabulary gains
+    nothing from it."""
+    return multiple * math.ceil(vocab_size / multiple)
 
 
 # -----------------------------------------------------------------------------
@@ -163,14 +178,14 @@ class Experts(nn.Module):
 
     Two implementations of the same arithmetic (bench.py compares them):
       forward_loop     one matmul per expert in a Python loop: the readable reference, any dtype
-                       (the float64 tests), but one host sync to read the split sizes
-      forward_grouped  torch's grouped matmul, one call per weight for all experts, no host sync;
-                       runs on CPU in float32 and on CUDA in bfloat16 (grouped_mm_dtype), so the
-                       float64 tests take the loop
-    impl = "auto" picks grouped where it runs, "loop" / "grouped" force one (bench.py, tests).
-    On a CPU the two are close (bench.py: the loop wins by up to ~10 % at E <= 16, its elementwise
-    ops run on per-expert slices still in cache; grouped wins at E = 64 and small batches, fewer
-    Python and autograd steps); on a GPU grouped avoids the host sync and E small kernel launches.
+                       (the float64 tests), one host sync to read the split sizes (none when the
+                       caller already holds them on the host: counts_host)
+      forward_grouped  torch's grouped matmul, one call per weight for all experts, no host sync of
+                       its own; see grouped_mm_dtype for where it runs
+    impl = "auto" picks grouped where grouped_mm_dtype says it runs well, except on a CPU when the
+    experts get many rows each (CPU_LOOP_ROWS); "loop" / "grouped" force one (bench.py, tests). On a
+    GPU without grouped_mm's fast kernels torch runs it as a loop that syncs on every call, so there
+    the loop is the better choice, and "auto" takes it.
     """
 
     def __init__(self, n_expert, n_embd, hidden):
@@ -180,31 +195,61 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_expert, n_embd, hidden))
         self.impl = "auto"
 
-    def forward(self, x_ND, counts_E):
-        dtype = grouped_mm_dtype(x_ND, self.w1) if self.impl != "loop" else None
+    def compute_dtype(self, x_ND):
+        """The dtype the experts compute in: autocast's (bf16 under train.py's CUDA autocast) where
+        it applies, else x's. model.MoE casts the rows to it before dispatch, so the gathered rows and
+        the expert-parallel exchanges carry bf16, not the fp32 residual stream."""
+        device = x_ND.device.type
+        if x_ND.is_floating_point() and torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        return x_ND.dtype
+
+    def forward(self, x_ND, counts_E, counts_host=None):
+        dtype = grouped_mm_dtype(x_ND, self.w1, require_fast=self.impl == "auto") if self.impl != "loop" else None
+        if self.impl == "auto" and x_ND.device.type == "cpu" and x_ND.shape[0] >= CPU_LOOP_ROWS * self.w1.shape[0]:
+            dtype = None  # many rows per expert on a CPU: the loop (see CPU_LOOP_ROWS)
         if self.impl == "grouped" and dtype is None:
             raise ValueError(f"grouped_mm does not run on {x_ND.device.type} {x_ND.dtype} with D, F = "
                              f"{self.w1.shape[2]}, {self.w1.shape[1]}: use impl='loop'")
         if dtype is None or x_ND.shape[0] == 0:  # grouped_mm's backward rejects zero rows
-            return self.forward_loop(x_ND, counts_E)
+            return self.forward_loop(x_ND, counts_E, counts_host)
         return self.forward_grouped(x_ND, counts_E, dtype)
 
-    def forward_loop(self, x_ND, counts_E):
+    def forward_loop(self, x_ND, counts_E, counts_host=None):
         # unbind, not self.w1[e]: each indexing op's backward writes a zero gradient the size of
         # all E experts; unbind's backward stacks the E slices once
+        if counts_host is None:
+            counts_host = counts_E.tolist()  # host sync: the split sizes
         ys = []
-        for x, w1, w3, w2 in zip(x_ND.split(counts_E.tolist()), self.w1.unbind(0), self.w3.unbind(0),
-                                 self.w2.unbind(0)):  # .tolist(): one host sync for the split sizes
+        for x, w1, w3, w2 in zip(x_ND.split(counts_host), self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)):
             if x.shape[0]:
                 ys.append((F.silu(x @ w1.t()) * (x @ w3.t())) @ w2.t())
-        return torch.cat(ys) if ys else x_ND.new_zeros(x_ND.shape)
+        if ys:
+            return torch.cat(ys)
+        # no rows at all: zeros in the dtype the experts would have returned (autocast's)
+        return x_ND.new_zeros(x_ND.shape, dtype=self.compute_dtype(x_ND))
 
-    def forward_grouped(self, x_ND, counts_E, dtype):
+    def forward_grouped(self, x_ND, counts_E, dtype, fuse_w13=None):
+        """fuse_w13: one grouped matmul for w1 and w3 on the stacked [w1; w3] (E, 2F, D) weight instead
+        of two. It needs a copy of both weights per call, which the bf16 path makes anyway (the cast),
+        so None means: fuse when casting. In float32 on a CPU the extra copy and the strided halves
+        cost more than the second call saves (bench.py --fusion measures it)."""
+        if fuse_w13 is None:
+            fuse_w13 = self.w1.dtype != dtype
         end_E = counts_E.cumsum(0).to(torch.int32)  # where each expert's rows end; stays on the device
         x_ND = x_ND.to(dtype)
-        w1_EDF, w3_EDF, w2_EFD = (w.to(dtype).transpose(1, 2) for w in (self.w1, self.w3, self.w2))
-        h_NF = F.silu(F.grouped_mm(x_ND, w1_EDF, offs=end_E)) * F.grouped_mm(x_ND, w3_EDF, offs=end_E)
-        y_ND = F.grouped_mm(h_NF, w2_EFD, offs=end_E)
+        w2_EFD = self.w2.to(dtype).transpose(1, 2)
+        if fuse_w13:
+            E, hidden, D = self.w1.shape
+            # the cast writes straight into the stacked weight: one copy of each weight, as unfused
+            w13_EFD = x_ND.new_empty(E, 2 * hidden, D)
+            w13_EFD[:, :hidden].copy_(self.w1)
+            w13_EFD[:, hidden:].copy_(self.w3)
+            a_NF, b_NF = F.grouped_mm(x_ND, w13_EFD.transpose(1, 2), offs=end_E).split(hidden, dim=1)
+        else:
+            w1_EDF, w3_EDF = self.w1.to(dtype).transpose(1, 2), self.w3.to(dtype).transpose(1, 2)
+            a_NF, b_NF = F.grouped_mm(x_ND, w1_EDF, offs=end_E), F.grouped_mm(x_ND, w3_EDF, offs=end_E)
+        y_ND = F.grouped_mm(F.silu(a_NF) * b_NF, w2_EFD, offs=end_E)
         if y_ND.requires_grad:
             # grouped_mm's backward needs a dense gradient: y.sum().backward() would hand it an
             # expanded (stride 0) one and fail with "Invalid strides/sizes"
@@ -212,19 +257,39 @@ class Experts(nn.Module):
         return y_ND
 
 
-def grouped_mm_dtype(x_ND, w_EFD):
-    """The dtype torch.nn.functional.grouped_mm runs these experts in, or None where only the loop
-    runs: float32 on CPU (not float64, so the exactness tests take the loop), bfloat16 on CUDA sm80+
-    (under bf16 autocast forward_grouped casts the inputs itself: CPU autocast leaves grouped_mm in
-    float32). Rows of x, h and the weights must be 16-byte aligned: D and F multiples of 4 in
-    float32, of 8 in bfloat16."""
+# On a CPU, "auto" takes the loop once the experts average this many rows or more: the loop's
+# elementwise ops (silu, the product, their backward) run on one expert's slice while it is still in
+# cache, where grouped_mm's run over all N x F at once. bench.py (a), T = 8192, D = 512: loop / dense
+# 1.00 and 0.94 against grouped's 0.90 and 0.86 at 2048 and 1024 rows per expert (E = 8, 16), but 0.66
+# against 0.73 at 256 (E = 64); grouped also wins the small training step (256 rows per expert).
+CPU_LOOP_ROWS = 512
+
+# grouped_mm's fast CUDA kernels exist for Hopper (sm90: H100, H200) and datacenter Blackwell (sm100:
+# B200) only. On other GPUs (A100 sm80, L40S / RTX 4090 sm89, sm120) torch runs it as a loop over
+# the groups that reads every offset on the host, one sync per call: slower than forward_loop.
+GROUPED_MM_FAST_CAPABILITIES = ((9, 0), (10, 0))
+
+
+def grouped_mm_dtype(x_ND, w_EFD, require_fast=True):
+    """The dtype torch.nn.functional.grouped_mm runs these experts in, or None where the loop should:
+      - CUDA: bfloat16 (x in bf16, or bf16 autocast on; forward_grouped casts the inputs itself),
+        on the capabilities of GROUPED_MM_FAST_CAPABILITIES; elsewhere only if not require_fast
+        (impl="grouped" forces it; it needs sm80+);
+      - CPU: float32 without autocast (CPU autocast leaves grouped_mm in float32), not float64, so
+        the exactness tests take the loop, and not under torch.compile (its grouped_mm takes bf16 only).
+    Rows of x, h and the weights must be 16-byte aligned: D and F multiples of 4 in float32, of 8 in
+    bfloat16."""
     device = x_ND.device.type
-    if device == "cuda" and torch.cuda.get_device_capability(x_ND.device) >= (8, 0) and (
-            x_ND.dtype == torch.bfloat16 or torch.get_autocast_dtype("cuda") == torch.bfloat16
-            and torch.is_autocast_enabled("cuda")):
+    if device == "cuda":
+        capability = torch.cuda.get_device_capability(x_ND.device)
+        runs = capability in GROUPED_MM_FAST_CAPABILITIES or (not require_fast and capability >= (8, 0))
+        bf16 = x_ND.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cuda")
+                                                and torch.get_autocast_dtype("cuda") == torch.bfloat16)
+        if not (runs and bf16):
+            return None
         dtype = torch.bfloat16
     elif device == "cpu" and x_ND.dtype == w_EFD.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") \
-            and not torch.compiler.is_compiling():  # torch.compile's grouped_mm accepts only bf16
+            and not torch.compiler.is_compiling():
         dtype = torch.float32
     else:
         return None
@@ -250,6 +315,9 @@ class MoE(nn.Module):
         T = x_TD.shape[0]
         token_N = r.slots_N % T                              # slot s = k*T + t  ->  token t
         weight_N = r.weights_TK.t().reshape(-1)[r.slots_N]   # combine weight of each kept slot (eq. 2)
+        # the rows in the experts' compute dtype before they are gathered (bf16 under autocast, where
+        # x_TD is the fp32 residual stream): half the bytes to gather and to send under expert parallelism
+        x_TD = x_TD.to(self.experts.compute_dtype(x_TD))
         # index_select rather than x_TD[token_N]: same rows, but its backward is an index_add,
         # ~2x faster on CPU than indexing's accumulating index_put
         y_ND = self.experts(x_TD.index_select(0, token_N), r.counts_E)
@@ -368,12 +436,20 @@ class GPT(nn.Module):
         c = self.cfg
         return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
 
-    def optim_groups(self, weight_decay):
-        """AdamW groups: decay matrices (attention, experts, router, embeddings); not norms."""
-        decay, no_decay = [], []
-        for _, p in self.named_parameters():
-            (decay if p.dim() >= 2 else no_decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    def optim_groups(self, weight_decay, router_weight_decay=None):
+        """AdamW groups: decay matrices (attention, experts, router, embeddings); not norms.
+        router_weight_decay: the gate weights' own decay (None: weight_decay). Decay shrinks the gate's
+        logits, which is one suspect for the drift toward a flat gate of section 4.1."""
+        decay, no_decay, router = [], [], []
+        for name, p in self.named_parameters():
+            if router_weight_decay is not None and name.endswith("router.weight"):
+                router.append(p)
+            else:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if router:
+            groups.append({"params": router, "weight_decay": router_weight_decay})
+        return groups
 
 
 @torch.no_grad()
@@ -391,10 +467,11 @@ def expert_similarity(model, chunk=1 << 20):
         ex = block.ffn.experts
         E = ex.w1.shape[0]
         gram_EE = torch.zeros(E, E, device=ex.w1.device)
-        for w in (ex.w1, ex.w3, ex.w2):
-            for part_EC in w.detach().flatten(1).split(chunk, dim=1):
-                part_EC = part_EC.float()
-                gram_EE += part_EC @ part_EC.t()
+        with full_fp32_matmul():
+            for w in (ex.w1, ex.w3, ex.w2):
+                for part_EC in w.detach().flatten(1).split(chunk, dim=1):
+                    part_EC = part_EC.float()
+                    gram_EE += part_EC @ part_EC.t()
         norm_E = gram_EE.diagonal().sqrt().clamp_min(1e-12)
         sim_EE = gram_EE / (norm_E[:, None] * norm_E[None, :])
         sims.append(((sim_EE.sum() - sim_EE.diagonal().sum()) / (E * (E - 1))).item())
@@ -408,8 +485,12 @@ def count_params_meta(cfg: ModelConfig):
 
 
 def main(argv):
-    from train import load_config
-    model_cfg, _, _ = load_config(argv)
+    try:
+        (model_cfg,), sources = load_config(argv, [ModelConfig], ignore_unknown=True)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    if sources.get(None):
+        print(f"(not model settings, ignored here: {', '.join(sources[None])})")
     counts = count_params_meta(model_cfg)
     print(f"total parameters:  {counts['total'] / 1e9:.3f} B ({counts['total']:,})")
     print(f"active parameters: {counts['active'] / 1e9:.3f} B ({counts['active']:,})")

@@ -10,6 +10,16 @@ Implements from Skywork-MoE (Wei et al. 2024, arXiv 2406.06563):
 and the alternatives the paper is compared with: ST-MoE's router z-loss and the auxiliary-loss-free
 balancing bias of Wang et al. 2024 / DeepSeek-V3.
 
+Eq. 4 vs the Switch form, and why the default is Switch. Both push toward balance, but not equally hard
+at the same alpha. Eq. 4's gradient on the mean gate probability P_j is 2 (P_j - 1/E): the deviations
+are O(1/E) and shrink as balance improves, and only the soft probabilities enter, not which experts the
+top-k actually chose. The Switch form's is E f_j, O(1) whatever the balance, and f_j counts the hard
+choices that fill (and overflow) the experts' capacity. On the gate weights of a small 16-expert model
+the Switch gradient is 18-73x eq. 4's (experiments/results/balance_loss_small.md), so eq. 4 at the
+paper's typical alpha 1e-2 barely balances at these scales; matching the gradient takes alpha ~0.3. The
+paper's alphas were presumably tuned for its own form and scale; ours were not, so ModelConfig and every
+config/ preset use aux_loss="switch" (measured there), and aux_loss="eq4" keeps the paper's formula.
+
 Read top to bottom: pure functions (each unit-tested on hand-computed examples in tests/test_router.py),
 then the thin Router module that strings them together, then the per-step controllers the training loop
 owns (coefficients) or calls (bias update).
@@ -23,6 +33,7 @@ Shape legend used in names (`probs_TE` is a T x E tensor):
     S  routed slots = K * T, ordered choice-major: slot s = k * T + t
     N  kept slots after capacity (N <= S)
 """
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -91,18 +102,24 @@ def dispatch_plan(ids_TK, n_expert, capacity, n_group=1):
         group_S = (torch.arange(S, device=ids_TK.device) % T) // (T // n_group)
         bucket_S = ids_S * n_group + group_S                          # expert-major buckets, (S,)
     order_S = torch.argsort(bucket_S, stable=True)
-    routed_B = torch.bincount(bucket_S, minlength=n_expert * n_group)  # routed slots per bucket
-    if capacity is None:
+    # routed slots per bucket; scatter_add_ into a buffer of known size, not bincount, which on CUDA
+    # reads the largest id back to the host (a sync) even with minlength
+    routed_B = torch.zeros(n_expert * n_group, dtype=torch.long, device=ids_TK.device).scatter_add_(
+        0, bucket_S, torch.ones_like(bucket_S))
+    if capacity is None:  # dropless: every slot kept, no host sync at all
         slots_N, kept_B = order_S, routed_B
         keep_S = torch.ones(S, dtype=torch.bool, device=ids_TK.device)
     else:
         start_B = torch.cumsum(routed_B, 0) - routed_B
         rank_S = torch.arange(S, device=ids_TK.device) - start_B[bucket_S[order_S]]  # in sorted order
         keep_sorted_S = rank_S < capacity
-        slots_N = order_S[keep_sorted_S]  # a data-dependent size: the one host sync of routing
+        kept_B = routed_B.clamp(max=capacity)
+        # the kept count is data-dependent and sizes slots_N: the one host sync of routing, made
+        # explicit here (a boolean mask would hide the same sync inside nonzero)
+        N = int(kept_B.sum())
+        slots_N = order_S[torch.nonzero_static(keep_sorted_S, size=N).view(-1)]
         keep_S = torch.zeros(S, dtype=torch.bool, device=ids_TK.device)
         keep_S[order_S] = keep_sorted_S
-        kept_B = routed_B.clamp(max=capacity)
     counts_E = kept_B.view(n_expert, n_group).sum(dim=1)
     keep_TK = keep_S.view(K, T).t()
     return slots_N, counts_E, keep_TK
@@ -140,15 +157,38 @@ def router_z_loss(logits_TE):
 
 @torch.no_grad()
 def gate_statistics(probs_TE):
-    """Max1/Max2 and Max2/Max3 (mean over tokens of the ratio of the largest gate probabilities,
-    section 4.1's measure of how decisive the gate is; nan when E is too small) and mean entropy."""
-    E = probs_TE.shape[-1]
-    nan = torch.tensor(float("nan"), device=probs_TE.device)
-    top_T3 = probs_TE.topk(min(3, E), dim=-1).values
-    max1_max2 = (top_T3[:, 0] / top_T3[:, 1]).mean() if E >= 2 else nan
-    max2_max3 = (top_T3[:, 1] / top_T3[:, 2]).mean() if E >= 3 else nan
-    entropy = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean()
-    return max1_max2, max2_max3, entropy
+    """(Max1/Max2, Max2/Max3, entropy) of one group of tokens: the short form of gate_decisiveness
+    (the notebooks use it)."""
+    out = gate_decisiveness(probs_TE.unsqueeze(0))
+    return out["max1_max2"], out["max2_max3"], out["entropy"]
+
+
+@torch.no_grad()
+def gate_decisiveness(probs_GTE):
+    """How decisive the gate is (section 4.1; Fig. 3 plots Max1/Max2 and Max2/Max3), as a dict of
+    scalars. "MaxK" is the K-th largest gate probability of a token. The paper does not say how it
+    averages the ratio over tokens, and the choice matters (a few near-one-hot tokens dominate a mean
+    of ratios), so three readings are kept:
+        max1_max2           mean over tokens of Max1/Max2
+        max1_max2_median    median over tokens of Max1/Max2
+        max1_max2_of_means  mean Max1 / mean Max2 (the ratio of the mean sorted distribution's top two)
+    plus Max2/Max3 (mean of ratios) and the mean entropy. Each is computed per routing group and
+    averaged over groups, so expert-parallel ranks (one group each) average to the single-process
+    number exactly. nan where E is too small for the ratio."""
+    G, T, E = probs_GTE.shape
+    nan = torch.tensor(float("nan"), device=probs_GTE.device, dtype=probs_GTE.dtype)
+    top_GT3 = probs_GTE.topk(min(3, E), dim=-1).values
+    out = dict.fromkeys(("max1_max2", "max1_max2_median", "max1_max2_of_means", "max2_max3"), nan)
+    if E >= 2:
+        ratio_GT = top_GT3[..., 0] / top_GT3[..., 1]
+        out["max1_max2"] = ratio_GT.mean()
+        out["max1_max2_median"] = ratio_GT.quantile(0.5, dim=1).mean()  # interpolated: the middle of an even T
+        mean_top_G3 = top_GT3.mean(dim=1)
+        out["max1_max2_of_means"] = (mean_top_G3[:, 0] / mean_top_G3[:, 1]).mean()
+    if E >= 3:
+        out["max2_max3"] = (top_GT3[..., 1] / top_GT3[..., 2]).mean()
+    out["entropy"] = -(probs_GTE * probs_GTE.clamp_min(1e-20).log()).sum(-1).mean()
+    return out
 
 
 @dataclass
@@ -160,9 +200,13 @@ class RouterOutput:
     drop_rate: torch.Tensor    # dropped / routed assignments (K*T)
     load_E: torch.Tensor       # routed assignments per expert, before capacity (float)
     load_cv: torch.Tensor      # std / mean of load_E: 0 is perfectly balanced
-    max1_max2: torch.Tensor
+    max1_max2: torch.Tensor    # gate_statistics: three readings of Max1/Max2, Max2/Max3, entropy
+    max1_max2_median: torch.Tensor
+    max1_max2_of_means: torch.Tensor
     max2_max3: torch.Tensor
     entropy: torch.Tensor
+    logit_std: torch.Tensor    # mean over tokens of the std of the gate logits *before* eq. 6
+    router_weight_norm: torch.Tensor  # Frobenius norm of the gate weight (weight decay shrinks it)
     # the routing decision itself, for the MoE layer and for tests / notebooks
     ids_TK: torch.Tensor
     weights_TK: torch.Tensor
@@ -172,10 +216,25 @@ class RouterOutput:
     probs_TE: torch.Tensor
 
 
-STAT_NAMES = ("aux_loss", "z_loss", "drop_rate", "load_cv", "max1_max2", "max2_max3", "entropy")
+# the per-layer scalars train.py logs to metrics.jsonl (every one exactly averageable over ranks)
+STAT_NAMES = ("aux_loss", "z_loss", "drop_rate", "load_cv", "max1_max2", "max1_max2_median", "max1_max2_of_means",
+              "max2_max3", "entropy", "logit_std", "router_weight_norm")
 
 # -----------------------------------------------------------------------------
 # the module
+
+@contextlib.contextmanager
+def full_fp32_matmul():
+    """fp32 matmuls at full IEEE precision inside, whatever the global TF32 setting: the gate's logits
+    decide the top-k choices (TF32 keeps 10 mantissa bits, enough to flip near-ties), and the expert
+    similarity is a health metric read to three decimals."""
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+
 
 class Router(nn.Module):
     """Gate (bias-free linear D -> E, computed in fp32) + the routing decision above.
@@ -203,10 +262,11 @@ class Router(nn.Module):
         # router math in fp32 (or wider) whatever the model's dtype: small logit errors flip top-k
         # choices; fp64 stays fp64 so an fp64 model is exact end to end (upcycling's function test)
         rdt = torch.promote_types(x_TD.dtype, torch.float32)
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.to(rdt), self.weight.to(rdt))
+        with torch.autocast(device_type=x_TD.device.type, enabled=False), full_fp32_matmul():
+            raw_logits_TE = F.linear(x_TD.to(rdt), self.weight.to(rdt))
+            logits_TE = raw_logits_TE
             if self.gate_norm:
-                logits_TE = normalize_gate_logits(logits_TE, self.gate_lambda)
+                logits_TE = normalize_gate_logits(raw_logits_TE, self.gate_lambda)
             probs_TE = logits_TE.softmax(dim=-1)
             bias_E = self.selection_bias_E if self.aux_free_bias else None
             ids_TK, weights_TK = top_k_gating(probs_TE, K, bias_E)
@@ -222,13 +282,19 @@ class Router(nn.Module):
                 aux = probs_TE.new_zeros(())
             z = router_z_loss(logits_TE)
 
-        with torch.no_grad():
+        with torch.no_grad():  # statistics: a few reductions over (T, E) tensors already at hand
             load_E = torch.bincount(ids_TK.reshape(-1), minlength=E).float()
             load_cv = load_E.std(correction=0) / load_E.mean()
             drop_rate = 1.0 - keep_TK.float().mean()
-            max1_max2, max2_max3, entropy = gate_statistics(probs_TE.detach())
-        return RouterOutput(aux, z, drop_rate, load_E, load_cv, max1_max2, max2_max3, entropy,
-                            ids_TK, weights_TK, keep_TK, slots_N, counts_E, probs_TE)
+            gate = gate_decisiveness(probs_GTE.detach())
+            # the spread eq. 6 replaces by lambda: how decisive the raw gate is, and what weight decay
+            # on the gate (its norm) does to it without normalization (section 4.1's drift)
+            logit_std = raw_logits_TE.detach().std(dim=-1).mean() if E >= 2 else raw_logits_TE.new_zeros(())
+            weight_norm = self.weight.detach().to(rdt).norm()
+        return RouterOutput(aux_loss=aux, z_loss=z, drop_rate=drop_rate, load_E=load_E, load_cv=load_cv, **gate,
+                            logit_std=logit_std, router_weight_norm=weight_norm, ids_TK=ids_TK,
+                            weights_TK=weights_TK, keep_TK=keep_TK, slots_N=slots_N, counts_E=counts_E,
+                            probs_TE=probs_TE)
 
 # -----------------------------------------------------------------------------
 # per-step balance controllers (owned by the training loop, updated after each optimizer step)

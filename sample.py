@@ -9,19 +9,25 @@ offline ranks file).
 """
 import argparse
 import json
+import math
 import os
 import sys
 
 import torch
 
-from train import load_checkpoint, model_from_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+
+
+class SampleError(Exception):
+    pass
 
 
 def tokenizer_for(train_config, ranks_path=None):
     """(encode, decode) for the dataset the checkpoint was trained on."""
-    meta_path = os.path.join(train_config["data_dir"], train_config["dataset"], "meta.json")
+    data_dir, dataset = train_config.get("data_dir", "data"), train_config.get("dataset", "shakespeare_char")
+    meta_path = os.path.join(data_dir, dataset, "meta.json")
     if not os.path.exists(meta_path):
-        raise SystemExit(f"error: {meta_path} not found: the checkpoint's dataset must be prepared to decode its tokens")
+        raise SampleError(f"{meta_path} not found: the checkpoint's dataset must be prepared to decode its tokens")
     with open(meta_path) as f:
         meta = json.load(f)
     if meta.get("tokenizer") == "char":
@@ -30,7 +36,7 @@ def tokenizer_for(train_config, ranks_path=None):
         def encode(s):
             missing = sorted(set(s) - set(stoi))
             if missing:
-                raise SystemExit(f"error: the prompt has characters outside the vocabulary: {missing}")
+                raise SampleError(f"the prompt has characters outside the vocabulary: {missing}")
             return [stoi[c] for c in s]
         return encode, lambda ids: "".join(meta["chars"][i] for i in ids)
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shakespeare"))
@@ -51,20 +57,26 @@ def main(argv):
     p.add_argument("--device", default="cpu")
     p.add_argument("--ranks", help="local r50k_base.tiktoken for BPE checkpoints, offline")
     args = p.parse_args(argv)
-    if args.temperature <= 0 or args.max_new_tokens < 0 or args.num_samples < 1 or args.top_k < 1:
-        p.error("need temperature > 0, max_new_tokens >= 0, num_samples >= 1, top_k >= 1")
-
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: no GPU is visible here; use --device cpu")
-
-    ckpt = load_checkpoint(args.ckpt)
-    model = model_from_checkpoint(ckpt, args.device, where=args.ckpt).eval()
-    encode, decode = tokenizer_for(ckpt["train_config"], args.ranks)
-    ids = encode(args.prompt)
+    ok = math.isfinite(args.temperature) and args.temperature > 0
+    if not ok or args.max_new_tokens < 0 or args.num_samples < 1 or args.top_k < 1:
+        sys.exit("error: need a finite temperature > 0, max_new_tokens >= 0, num_samples >= 1, top_k >= 1")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        sys.exit(f"error: --device {args.device!r} is not a device: use cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        sys.exit(f"error: --device {args.device}: no such device here; use --device cpu")
+    try:
+        ckpt = load_checkpoint(args.ckpt)
+        model = model_from_checkpoint(ckpt, device, where=args.ckpt).eval()
+        encode, decode = tokenizer_for(ckpt["train_config"] or {}, args.ranks)
+        ids = encode(args.prompt)
+    except (CheckpointError, SampleError) as e:
+        sys.exit(f"error: {e}")
     if not ids:
-        p.error("the prompt encodes to no tokens")
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    x = torch.tensor([ids], dtype=torch.long, device=args.device)
+        sys.exit("error: the prompt encodes to no tokens")
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    x = torch.tensor([ids], dtype=torch.long, device=device)
     for _ in range(args.num_samples):
         y = model.generate(x, args.max_new_tokens, args.temperature, args.top_k, generator=gen)
         print(decode(y[0].tolist()))

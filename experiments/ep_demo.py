@@ -10,15 +10,13 @@ Every token has a global id (rank * T + t), sent along as an extra column throug
 so the rows a rank receives say where they came from. The layer is model.MoE with its experts replaced by
 expert_parallel.ParallelExperts, exactly as train.py does under torchrun.
 """
+if not __package__:  # run as a script: make the repository importable
+    import _repo  # noqa: F401
+
 import json
 import os
 import socket
-import sys
 import tempfile
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:  # run as `python experiments/ep_demo.py`
-    sys.path.insert(0, REPO)
 
 # -----------------------------------------------------------------------------
 # one rank
@@ -47,10 +45,7 @@ def rank_main(rank, world, port, out_dir, T, D, E, K, capacity_factor):
         lo, hi = groups.expert_range(E)
         sharded = MoE(cfg)
         sharded.load_state_dict(full.state_dict())
-        sharded.experts = ep.ParallelExperts(E, D, 2 * D, groups)
-        with torch.no_grad():
-            for name in ("w1", "w3", "w2"):
-                getattr(sharded.experts, name).copy_(getattr(full.experts, name)[lo:hi])
+        ep.shard_experts(sharded, groups)
         y_ep, _ = sharded(x_TD.view(1, T, D))
 
         # the exchange itself, step by step: kept slots in expert order -> all-to-all -> local experts

@@ -22,20 +22,18 @@ Writes under --out (default runs/upcycling/<scale>/): dense_s<seed>/ (ckpt_D3.pt
 upcycled initial checkpoints, one directory per MoE run, upcycling_<scale>.md / .json and
 upcycling_<scale>_curves.png.
 """
+if not __package__:  # run as a script: make the repository importable
+    import _repo  # noqa: F401
+
 import os
 import shutil
-import sys
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:  # run as `python experiments/upcycling.py`
-    sys.path.insert(0, REPO)
-
-from experiments import common  # noqa: E402
+from experiments import analysis as an
+from experiments import runner
 
 EXPERIMENT = "upcycling"
-DEFAULT_SEEDS = 1
 DENSE_SEED_OFFSET = 1000   # the dense run draws other data windows than the MoE runs that follow it
 
 # -----------------------------------------------------------------------------
@@ -43,11 +41,15 @@ DENSE_SEED_OFFSET = 1000   # the dense run draws other data windows than the MoE
 
 # D, the dense run's length in iterations (tokens = D x tokens per step); budgets D/3 and D
 DENSE_ITERS = {"smoke": 12, "small": 300, "full": 57000}   # full: 57,000 x 524,288 = 30B tokens
+PAPER_DENSE_TOKENS = 300e9  # D in the paper; its MoE budgets are D/3 = 100B and D = 300B
 SCALE_KEYS = {
     "smoke": dict(eval_interval=4, warmup_iters=1),
-    "small": dict(eval_interval=50, eval_iters=10),
-    # the paper's 0.3B dense model: 24 layers x 1024 (303M non-embedding parameters, GPT-2 medium shape)
-    "full": dict(n_layer=24, n_head=16, n_embd=1024, eval_interval=1000),
+    # the quick-start shape of the committed results (results/upcycling_small*.md)
+    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, warmup_iters=30, eval_interval=50,
+                  eval_iters=10, log_interval=5),
+    # the paper's 0.3B dense model: 16 layers x 1024 = 0.305B parameters in all with the GPT-2 vocabulary
+    # (0.20B without the two embedding matrices)
+    "full": dict(n_layer=16, n_head=16, n_embd=1024, eval_interval=1000),
 }
 LR = dict(learning_rate=3e-3, min_lr=3e-4)                 # the dense run and from-scratch MoEs
 MOE_ROUTING = dict(capacity_factor=1.25, gate_norm=True, gate_lambda=1.0, aux_loss="switch")
@@ -74,6 +76,20 @@ PAPER = {
     ("D", "up_D_const3e-4"): ("~2.25", "~0.72 -> 0.23"),
 }
 PAPER_DENSE = "~2.44"
+VARIANTS = {name: keys for name, _, _, keys, _ in MOE_RUNS}
+DEFAULT_SEEDS = 1
+COST_UNIT = "dense"  # --dry-run states every budget as a fraction of the dense run's cost
+PLAN_NOTES = ("Smaller than the paper: D = 30B tokens against 300B (a tenth, to fit ~300 GPU-hours instead of ~3,000); "
+              "the budgets keep the paper's token ratios D/3 and D. The paper prices them at ~2/3 C and ~2 C (C = the "
+              "dense run's cost); by model.flops_per_token() they cost 0.49 C and 1.47 C here.",)
+
+
+def paper_tokens(run):
+    """The paper's tokens for the same job: the dense run's first D/3 (100B) and the rest (200B), and each MoE
+    run's budget (D/3 = 100B or D = 300B)."""
+    if run.variant == "dense":
+        return PAPER_DENSE_TOKENS * (2 / 3 if run.keys.get("init_from") == "resume" else 1 / 3)
+    return PAPER_DENSE_TOKENS * (1 / 3 if run.variant in ("scratch_D3", "up_D3_lr1.8e-3") else 1)
 
 
 def budget_iters(D, budget):
@@ -84,7 +100,7 @@ def budget_iters(D, budget):
 
 def plan(scale, seeds, root, data_dir, max_iters=None):
     D = max_iters or DENSE_ITERS[scale]
-    base = common.preset(scale, **SCALE_KEYS[scale], **LR)
+    base = runner.preset(scale, **SCALE_KEYS[scale], **LR)
     if scale != "full":
         base["data_dir"] = data_dir
     dense_keys = dict(base, n_expert=0, lr_decay_iters=D)
@@ -93,9 +109,9 @@ def plan(scale, seeds, root, data_dir, max_iters=None):
         dense_dir = os.path.join(root, f"dense_s{seed}")
         # phase 1 stops at D/3 on the D-long cosine (lr_decay_iters=D), phase 2 resumes it to D:
         # one uninterrupted schedule, with the D/3 checkpoint kept on the way
-        phase1.append(common.Run("dense", seed + DENSE_SEED_OFFSET, dense_dir, dict(dense_keys, max_iters=D // 3),
+        phase1.append(runner.Run("dense", seed + DENSE_SEED_OFFSET, dense_dir, dict(dense_keys, max_iters=D // 3),
                                  done_name="done_D3.json"))
-        phase2.append(common.Run("dense", seed + DENSE_SEED_OFFSET, dense_dir,
+        phase2.append(runner.Run("dense", seed + DENSE_SEED_OFFSET, dense_dir,
                                  dict(dense_keys, max_iters=D, init_from="resume")))
         inits = {"D/3": os.path.join(root, f"init_from_D3_s{seed}.pt"), "D": os.path.join(root, f"init_from_D_s{seed}.pt")}
         d3_ckpt = os.path.join(dense_dir, "ckpt_D3.pt")
@@ -107,8 +123,8 @@ def plan(scale, seeds, root, data_dir, max_iters=None):
             if source != "scratch":
                 k["init_from"] = inits[source]  # train.py then takes the model config from the checkpoint
             if scale == "full":
-                k["ep_size"] = common.FULL_EP_SIZE
-            moe.append(common.Run(name, seed, os.path.join(root, f"{name}_s{seed}"), k))
+                k["ep_size"] = runner.FULL_EP_SIZE
+            moe.append(runner.Run(name, seed, os.path.join(root, f"{name}_s{seed}"), k))
     # ckpt.pt after phase 1 is the D/3 checkpoint: keep it before phase 2 overwrites it
     return [phase1, *upcycle_steps[0::3], phase2, *upcycle_steps[1::3], *upcycle_steps[2::3], moe]
 
@@ -117,7 +133,7 @@ def keep_checkpoint_step(src, dst):
     def fn():
         if not os.path.exists(dst):
             shutil.copy(src, dst)
-    return common.Step(f"keep the D/3 checkpoint: {dst}", fn, f"cp {src} {dst}")
+    return runner.Step(f"keep the D/3 checkpoint: {dst}", fn, f"cp {src} {dst}")
 
 
 def upcycle_step(src, dst, seed):
@@ -127,8 +143,8 @@ def upcycle_step(src, dst, seed):
         from upcycle import upcycle_checkpoint
         if not os.path.exists(dst) or os.path.getmtime(dst) < os.path.getmtime(src):
             upcycle_checkpoint(src, dst, MOE_KEYS["n_expert"], MOE_KEYS["top_k"], seed=seed, overwrite=True, **opts)
-    cli = " ".join(f"--{k} {common.format_value(v)}" for k, v in opts.items())
-    return common.Step(f"upcycle {src} -> {dst}", fn,
+    cli = " ".join(f"--{k} {runner.format_value(v)}" for k, v in opts.items())
+    return runner.Step(f"upcycle {src} -> {dst}", fn,
                        f"python upcycle.py --from {src} --n_expert {MOE_KEYS['n_expert']} --top_k {MOE_KEYS['top_k']} "
                        f"--seed {seed} {cli} --out {dst} --overwrite")
 
@@ -142,24 +158,24 @@ def val_at(metrics, it):
 
 
 def similarity(metrics, upto=None):
-    it, s = common.eval_series(metrics, "expert_similarity")
+    it, s = an.eval_series(metrics, "expert_similarity")
     keep = it <= (upto if upto is not None else it.max())
     return float(s[keep][0]), float(s[keep][-1])
 
 
 def summarise(stages):
-    runs = common.all_runs(stages)
+    runs = runner.all_runs(stages)
     dense = {r.seed: r for r in runs if r.variant == "dense"}  # the phase-2 run (same out_dir) wins
     D = max(r.keys["max_iters"] for r in runs if r.variant == "dense")
     moe = [r for r in runs if r.variant != "dense"]
-    dense_loss = {seed - DENSE_SEED_OFFSET: common.read_metrics(r.out_dir)["evals"][-1]["val_loss"]
+    dense_loss = {seed - DENSE_SEED_OFFSET: an.read_metrics(r.out_dir)["evals"][-1]["val_loss"]
                   for seed, r in dense.items()}
     rows = {}
     for name, budget, source, _, label in MOE_RUNS:
         for b in (["D/3", "D"] if name == "up_D_const3e-4" else [budget]):
             recs = []
             for r in (r for r in moe if r.variant == name):
-                m = common.read_metrics(r.out_dir)
+                m = an.read_metrics(r.out_dir)
                 upto = D // 3 if b == "D/3" else D
                 s0, s1 = similarity(m, upto)
                 recs.append({"seed": r.seed, "val_loss": val_at(m, upto), "similarity_start": s0,
@@ -173,20 +189,20 @@ def table(summary):
     for key, row in summary["rows"].items():
         rs = row["runs"]
         paper_loss, paper_sim = PAPER[(row["budget"], row["name"])]
-        sim = (f"{common.fmt_ms([r['similarity_start'] for r in rs], digits=2)} → "
-               f"{common.fmt_ms([r['similarity_end'] for r in rs], digits=2)}")
-        out.append([row["budget"], row["label"], common.fmt_ms([r["val_loss"] for r in rs]), sim,
+        sim = (f"{an.fmt_ms([r['similarity_start'] for r in rs], digits=2)} → "
+               f"{an.fmt_ms([r['similarity_end'] for r in rs], digits=2)}")
+        out.append([row["budget"], row["label"], an.fmt_ms([r["val_loss"] for r in rs]), sim,
                     paper_loss, paper_sim])
-    out.append(["-", "dense reference (D tokens)", common.fmt_ms(list(summary["dense_val_loss"].values())),
+    out.append(["-", "dense reference (D tokens)", an.fmt_ms(list(summary["dense_val_loss"].values())),
                 "-", PAPER_DENSE, "-"])
-    return common.markdown_table(["MoE budget", "run", "val loss (end of budget)", "expert similarity (start → end)",
+    return an.markdown_table(["MoE budget", "run", "val loss (end of budget)", "expert similarity (start → end)",
                                   "paper: final loss", "paper: similarity"], out)
 
 def claims(summary):
     rows = summary["rows"]
-    loss = {k: common.mean_sd([r["val_loss"] for r in row["runs"]])[0] for k, row in rows.items()}
-    sim = {k: (common.mean_sd([r["similarity_start"] for r in row["runs"]])[0],
-               common.mean_sd([r["similarity_end"] for r in row["runs"]])[0]) for k, row in rows.items()}
+    loss = {k: an.mean_sd([r["val_loss"] for r in row["runs"]])[0] for k, row in rows.items()}
+    sim = {k: (an.mean_sd([r["similarity_start"] for r in row["runs"]])[0],
+               an.mean_sd([r["similarity_end"] for r in row["runs"]])[0]) for k, row in rows.items()}
     lines = []
     for b in ("D/3", "D"):
         keys = [k for k in rows if rows[k]["budget"] == b]
@@ -204,7 +220,7 @@ def claims(summary):
     for k, row in rows.items():
         if row["source"] != "scratch":
             lines.append(f"- similarity {row['label']} ({row['budget']}): {sim[k][0]:.3f} -> {sim[k][1]:.3f}.")
-    dense = common.mean_sd(list(summary["dense_val_loss"].values()))[0]
+    dense = an.mean_sd(list(summary["dense_val_loss"].values()))[0]
     lines.append(f"- dense reference after D tokens: {dense:.4f}; every MoE run below it: "
                  f"{'yes' if all(v < dense for v in loss.values()) else 'no'}.")
     return "\n".join(lines)
@@ -212,15 +228,15 @@ def claims(summary):
 # -----------------------------------------------------------------------------
 # plot: Fig. 1 (loss curves of both budgets, dense reference, expert similarity)
 
-def plot_curves(stages, summary, path):
-    runs = common.all_runs(stages)
-    fig, ax = common.new_figure(1, 3)
+def plot_curves(stages, summary):
+    runs = runner.all_runs(stages)
+    fig, ax = an.new_figure(1, 3)
     dense_ref = float(np.mean(list(summary["dense_val_loss"].values())))
     for name, budget, _, _, label in MOE_RUNS:
         rs = [r for r in runs if r.variant == name]
-        ms = [common.read_metrics(r.out_dir) for r in rs]
-        tok = common.tokens_per_step(rs[0].keys) / 1e6
-        curves = [common.eval_series(m, "val_loss") for m in ms]
+        ms = [an.read_metrics(r.out_dir) for r in rs]
+        tok = runner.tokens_per_step(rs[0].keys) / 1e6
+        curves = [an.eval_series(m, "val_loss") for m in ms]
         panels = [0, 1] if name == "up_D_const3e-4" else [0 if budget == "D/3" else 1]
         for p in panels:
             if p == 0 and name == "up_D_const3e-4":
@@ -228,48 +244,46 @@ def plot_curves(stages, summary, path):
                 cs = [(it[it <= cut], y[it <= cut]) for it, y in curves]
             else:
                 cs = curves
-            common.plot_band(ax[0, p], cs, label=label, color=COLORS[name], xscale=tok, marker=".")
-        sims = [common.eval_series(m, "expert_similarity") for m in ms]
-        common.plot_band(ax[0, 2], sims, label=f"{label} ({budget})", color=COLORS[name], xscale=tok, marker=".")
+            an.plot_band(ax[0, p], cs, label=label, color=COLORS[name], xscale=tok, marker=".")
+        sims = [an.eval_series(m, "expert_similarity") for m in ms]
+        an.plot_band(ax[0, 2], sims, label=f"{label} ({budget})", color=COLORS[name], xscale=tok, marker=".")
     for p, budget in ((0, "D/3"), (1, "D")):
         ax[0, p].axhline(dense_ref, color="tab:brown", ls="--", lw=1, label="dense model after D tokens")
         ax[0, p].set_title(f"validation loss, MoE budget {budget}", fontsize=10)
-        common.zoom_y(ax[0, p], 0.6)
+        an.zoom_y(ax[0, p], 0.6)
     ax[0, 2].set_title("expert similarity (mean pairwise cosine)", fontsize=10)
     for a in ax.flat:
         a.set_xlabel("MoE training tokens (M)")
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
     fig.suptitle("Upcycling vs training from scratch (Skywork-MoE Fig. 1)")
-    return common.save_figure(fig, path)
+    return fig
 
 # -----------------------------------------------------------------------------
 # the command
 
-def analyse(stages, scale, out, data_dir, log=print):
+def report(stages, scale, out, data_dir):
     summary = summarise(stages)
-    stem = f"{EXPERIMENT}_{scale}"
-    moe_runs = [r for r in common.all_runs(stages) if r.variant != "dense"]
-    D = max(r.keys["max_iters"] for r in common.all_runs(stages) if r.variant == "dense")
-    dense_final = [r for r in common.all_runs(stages) if r.variant == "dense"][-1]
-    setup = (f"Dense: {common.describe_setup([dense_final])} Cosine 3e-3 -> 3e-4 over D = {D} "
+    runs = runner.all_runs(stages)
+    moe_runs = [r for r in runs if r.variant != "dense"]
+    D = max(r.keys["max_iters"] for r in runs if r.variant == "dense")
+    dense_final = [r for r in runs if r.variant == "dense"][-1]
+    setup = (f"Dense: {an.describe_setup([dense_final])} Cosine 3e-3 -> 3e-4 over D = {D} "
              f"iterations; checkpoints at D/3 = {D // 3} and D. MoE: {MOE_KEYS['n_expert']} experts top-"
              f"{MOE_KEYS['top_k']} (each as wide as the dense FFN), routing {MOE_ROUTING}, adaptive aux coefficients; "
              f"budgets D/3 = {D // 3} and D = {D} iterations, cosine runs decay to 3e-4; the same data order "
              f"(seeds {sorted({r.seed for r in moe_runs})}) in every MoE run.")
-    md, _ = common.write_summary(out, stem, f"Upcycling vs from scratch, scale {scale}",
-                                 [("Setup", setup), ("Results", table(summary)),
-                                  ("The paper's claims, our numbers", claims(summary))],
-                                 {"setup": setup, **summary, "paper": {f"{b}|{n}": v for (b, n), v in PAPER.items()}})
-    plot_curves(stages, summary, os.path.join(out, stem + "_curves.png"))
-    log(open(md).read())
-    return summary
+    sections = [("Setup", setup), ("Results", table(summary)), ("The paper's claims, our numbers", claims(summary))]
+    data = {"setup": setup, **summary, "paper": {f"{b}|{n}": v for (b, n), v in PAPER.items()}}
+    return summary, (f"Upcycling vs from scratch, scale {scale}", sections, data), {
+        "curves": lambda: plot_curves(stages, summary)}
 
 
 def main(argv=None):
-    return common.run_experiment(argv, EXPERIMENT, __doc__.strip().splitlines()[0], DEFAULT_SEEDS, plan, analyse,
-                                 [r[0] for r in MOE_RUNS])
+    import sys
+
+    return runner.main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -75,3 +75,59 @@ def git_has_model_py():
         return subprocess.run(["git", "show", "HEAD:model.py"], cwd=REPO, capture_output=True).returncode == 0
     except OSError:
         return False
+
+
+def test_peer_comparison_agrees_and_times_every_implementation():
+    # transformers' Mixtral block with our weights computes our function (checked inside, 1e-4), then
+    # the five variants are timed round-robin
+    case = bench.LayerCase(n_expert=4, tokens=64, n_embd=32)
+    rows = bench.peer_rows([case], repeats=1, device=CPU, log=lambda *a: None)
+    r = rows[0]
+    for key in ("ours / dense", "ours / transformers eager", "ours / transformers grouped_mm",
+                "ours / faster transformers", "transformers eager ms", "transformers grouped_mm ms"):
+        assert positive(r[key]), (key, r)
+    assert r["ours / faster transformers"] == pytest.approx(
+        min(r["transformers eager ms"], r["transformers grouped_mm ms"]) / r["ours ms"])
+
+
+def test_peer_check_catches_a_different_function():
+    fns = bench.peer_variants(bench.LayerCase(n_expert=4, tokens=64, n_embd=32), CPU)
+    assert set(fns) == {"dense", "ours", "ours, loop", "transformers eager", "transformers grouped_mm"}
+    moe = bench.MoE(bench.ModelConfig(n_embd=32, n_head=1, n_expert=4, capacity_factor=0, gate_norm=False))
+    torch.nn.init.normal_(moe.router.weight)
+    blocks = bench.peer_blocks(moe)
+    with torch.no_grad():
+        blocks["eager"].experts.down_proj.mul_(2)  # a wrong weight must show
+        x = torch.randn(1, 8, 32)
+        y_ours = moe(x)[0]
+        assert not torch.allclose(blocks["eager"](x), y_ours)
+        torch.testing.assert_close(blocks["grouped_mm"](x), y_ours, rtol=1e-4, atol=1e-6)
+
+
+def test_gpu_check_dry_run_on_cpu():
+    # the GPU check's CPU path: every line runs at toy sizes (torch.compile left out here: minutes on CPU)
+    precision, training = bench.gpu_check(CPU, steps=1, compile_modes=(False,), log=lambda *a: None)
+    assert precision[0]["ok"] and precision[0]["max rel. error"] < bench.GPU_CHECK_TOL
+    (row,) = training
+    assert row["check"] == "train_step, compile off" and positive(row["tok/s"]) and positive(row["MFU vs matmul %"])
+    assert row["active"] < row["params"]  # a MoE model: top-2 of 16 experts active
+
+
+def test_datasheet_peak_by_device_name():
+    assert bench.datasheet_peak_flops(CPU) is None
+    assert bench.datasheet_peak_flops(None, "NVIDIA H100 80GB HBM3") == 989.4e12
+    assert bench.datasheet_peak_flops(None, "NVIDIA H100 PCIe") == 756e12
+    assert bench.datasheet_peak_flops(None, "NVIDIA H200") == 989.4e12
+    assert bench.datasheet_peak_flops(None, "NVIDIA GH200 480GB") == 989.4e12
+    assert bench.datasheet_peak_flops(None, "NVIDIA A100-SXM4-80GB") == 312e12
+    assert bench.datasheet_peak_flops(None, "NVIDIA L40S") == 362.1e12
+    assert bench.datasheet_peak_flops(None, "Some Future GPU") is None
+
+
+def test_ep_bench_uses_the_project_sharding_and_reports_phases():
+    cfg = bench.EPBenchConfig(tokens=64, n_embd=32, expert_hidden=48, n_expert=4, iters=1, warmup=0)
+    res = bench.bench_ep(cfg)
+    assert set(res["phases_s"]) == set(bench.EP_PHASES)
+    assert res["phases_s"]["token exchange, forward"] > 0 and res["phases_s"]["token exchange, backward"] > 0
+    assert positive(res["ep_s"]) and positive(res["exchange_s"])
+    assert sum(res["rows_for_local_experts_ep"]) == sum(res["kept_slots_per_rank"])  # every kept slot arrives once

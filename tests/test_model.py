@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from config import load_config
 from model import GPT, ModelConfig, count_params_meta
-from train import load_config
 
 
 def tiny(**kw):
@@ -125,7 +125,7 @@ def test_active_parameter_accounting():
 def test_skywork_presets_parameter_counts(preset, total, active):
     import os
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    model_cfg, _, _ = load_config([os.path.join(repo, preset)])
+    (model_cfg,), _ = load_config([os.path.join(repo, preset)], [ModelConfig], ignore_unknown=True)
     counts = count_params_meta(model_cfg)
     assert abs(counts["total"] - total) < 0.1e9
     assert abs(counts["active"] - active) < 0.1e9
@@ -166,7 +166,8 @@ def test_expert_impl_choice():
     from model import grouped_mm_dtype
     loop, grouped = experts_pair()
     assert grouped_mm_dtype(torch.randn(3, 32), grouped.w1) == torch.float32
-    assert grouped_mm_dtype(torch.randn(3, 32, dtype=torch.float64), grouped.w1.double()) is None  # fp64 tests: the loop
+    # the fp64 tests take the loop
+    assert grouped_mm_dtype(torch.randn(3, 32, dtype=torch.float64), grouped.w1.double()) is None
     assert grouped_mm_dtype(torch.randn(3, 30), torch.randn(4, 48, 30)) is None  # rows not 16-byte aligned
     with pytest.raises(ValueError, match="use impl='loop'"):
         grouped.double()(torch.randn(3, 32, dtype=torch.float64), torch.tensor([3, 0, 0, 0]))
@@ -174,6 +175,82 @@ def test_expert_impl_choice():
     auto = copy.deepcopy(loop)
     auto.impl = "auto"
     assert auto(torch.zeros(0, 32), torch.zeros(4, dtype=torch.long)).shape == (0, 32)
+
+
+def test_auto_takes_the_loop_on_cpu_when_experts_get_many_rows(monkeypatch):
+    from model import CPU_LOOP_ROWS, Experts
+    ex = Experts(2, 32, 48)
+    torch.nn.init.normal_(ex.w1)
+    calls = []
+    monkeypatch.setattr(Experts, "forward_loop", lambda self, *a: calls.append("loop") or a[0])
+    monkeypatch.setattr(Experts, "forward_grouped", lambda self, *a: calls.append("grouped") or a[0])
+    for rows in (2 * CPU_LOOP_ROWS - 2, 2 * CPU_LOOP_ROWS):  # E = 2 experts
+        ex(torch.zeros(rows, 32), torch.tensor([rows // 2, rows // 2]))
+    assert calls == ["grouped", "loop"]
+
+
+class FakeCudaRows:
+    """Stands in for a CUDA tensor where grouped_mm_dtype only reads the device, dtype and shape."""
+    device = torch.device("cuda", 0)
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+
+@pytest.mark.parametrize("capability,fast", [((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True),
+                                             ((12, 0), False)])
+def test_grouped_mm_chosen_by_cuda_capability(monkeypatch, capability, fast):
+    # grouped_mm's fast kernels exist on sm90 / sm100 only; elsewhere torch loops and syncs per call
+    from model import grouped_mm_dtype
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    w = torch.empty(4, 48, 32)
+    expected = torch.bfloat16 if fast else None
+    assert grouped_mm_dtype(FakeCudaRows(torch.bfloat16), w) == expected  # what impl="auto" asks
+    # impl="grouped" forces it on any sm80+ GPU (require_fast=False)
+    assert grouped_mm_dtype(FakeCudaRows(torch.bfloat16), w, require_fast=False) == torch.bfloat16
+    # fp32 rows without bf16 autocast: the loop, whatever the GPU
+    assert grouped_mm_dtype(FakeCudaRows(torch.float32), w, require_fast=False) is None
+
+
+@pytest.mark.parametrize("counts", [[5, 0, 7, 4], [0, 0, 16, 0]])
+def test_fused_w13_grouped_mm_equals_loop(counts):
+    # the bf16 path multiplies by the stacked [w1; w3] in one grouped matmul; the same arithmetic on CPU fp32
+    loop, grouped = experts_pair()
+    counts_E = torch.tensor(counts)
+    x = torch.randn(sum(counts), 32)
+    outs = []
+    for fn in (lambda xi: loop(xi, counts_E),
+               lambda xi: grouped.forward_grouped(xi, counts_E, torch.float32, fuse_w13=True)):
+        xi = x.clone().requires_grad_()
+        y = fn(xi)
+        y.backward(torch.randn_like(y, generator=torch.Generator().manual_seed(1)))
+        outs.append((y, xi.grad))
+    for ex in (loop, grouped):
+        outs[ex is grouped] += (ex.w1.grad, ex.w3.grad, ex.w2.grad)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert [p.shape for p in grouped.parameters()] == [p.shape for p in loop.parameters()]  # keys and shapes kept
+
+
+def test_dispatched_rows_in_the_experts_compute_dtype():
+    # under bf16 autocast the fp32 residual stream is cast before the gather, so the rows the experts
+    # (and an expert-parallel exchange) receive are bf16; without autocast they keep the model's dtype
+    torch.manual_seed(7)
+    moe = GPT(tiny(capacity_factor=1.25)).blocks[0].ffn
+    seen = []
+    forward = moe.experts.forward
+    moe.experts.forward = lambda x_ND, counts_E, counts_host=None: seen.append(x_ND.dtype) or forward(x_ND, counts_E)
+    x = torch.randn(2, 16, 32)
+    moe(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = moe(x)
+    moe.double()(x.double())
+    assert seen == [torch.float32, torch.bfloat16, torch.float64]
+    assert y.dtype == torch.bfloat16
+    # an experts call with no rows at all returns the dtype the experts compute in, too
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        moe.float()
+        assert moe.experts(torch.zeros(0, 32), torch.zeros(4, dtype=torch.long)).dtype == torch.bfloat16
 
 
 def test_moe_layer_fp32_grouped_equals_loop_and_runs_under_autocast():
@@ -192,3 +269,8 @@ def test_moe_layer_fp32_grouped_equals_loop_and_runs_under_autocast():
         _, loss, _ = model(idx, idx)
     loss.backward()
     assert torch.isfinite(moe.experts.w1.grad).all() and moe.experts.w1.grad.abs().sum() > 0
+
+
+def test_padded_vocab_size():
+    from model import padded_vocab_size
+    assert padded_vocab_size(50257) == 50304 and padded_vocab_size(50304) == 50304 and padded_vocab_size(1) == 64

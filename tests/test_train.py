@@ -1,14 +1,26 @@
 """Training loop tests: config handling, a short run that learns, metrics, stop-and-resume, sampling,
-data preparation. All on the quick-start preset (config/shakespeare_char.toml) made smaller."""
+(data preparation: test_prepare.py). All on the quick-start preset (config/shakespeare_char.toml) made smaller."""
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
+from conftest import REPO
 
-from conftest import REPO, shakespeare_text_path
-from train import ConfigError, load_config, train
+import checkpoint
+import train as train_module
+from config import ConfigError
+from config import load_config as load_configs
+from model import ModelConfig
+from router import STAT_NAMES
+from train import TrainConfig, train
+
+
+def load_config(argv):
+    (model_cfg, tcfg), sources = load_configs(argv, [ModelConfig, TrainConfig])
+    return model_cfg, tcfg, sources
 
 PRESET = os.path.join(REPO, "config", "shakespeare_char.toml")
 SMALL = ["n_layer=2", "n_embd=64", "n_head=2", "block_size=32", "batch_size=8", "eval_iters=4",
@@ -58,8 +70,10 @@ def test_config_file_typo_names_file_and_nearest_key(tmp_path):
     (["n_layer=abc"], "n_layer='abc': expected int"),
     (["gate_norm=maybe"], "expected true or false"),
     (["aux_loss=l2"], "aux_loss='l2'"),
-    (["aux_beta=1.0"], "aux_beta=1.0 must be in \\[0, 1\\)"),
-    (["lr_schedule=linear"], "use 'cosine' or 'constant'"),
+    (["aux_beta=1.0"], "aux_beta=1.0 is out of range: it must be in \\[0.0, 0.999999\\]"),
+    (["lr_schedule=linear"], "use one of 'cosine', 'constant'"),
+    (["learning_rate=inf"], "learning_rate='inf': must be a finite number"),
+    (["seed=18446744073709551616"], "seed=18446744073709551616 is out of range"),
     (["n_embd=100", "n_head=3"], "multiple of n_head"),
 ])
 def test_invalid_values_fail_with_actionable_message(args, message):
@@ -76,7 +90,7 @@ def test_toml_value_of_wrong_type(tmp_path):
 
 def test_cli_reports_config_error_without_traceback():
     p = subprocess.run([sys.executable, "train.py", "--n_layr=3"], cwd=REPO, capture_output=True, text=True)
-    assert p.returncode == 2
+    assert p.returncode == 1
     assert "did you mean 'n_layer'" in p.stderr and "Traceback" not in p.stderr
 
 # -----------------------------------------------------------------------------
@@ -123,6 +137,27 @@ def test_stop_and_resume_reproduces_losses_bit_exactly(tmp_path, char_data_dir):
     assert all(a[i] == b[i] for i in range(1, 17))  # == on floats: bit-identical
 
 
+def test_resume_takes_the_runs_settings_and_a_finished_run_has_nothing_to_do(tmp_path, char_data_dir, capsys):
+    out, _, _ = run(tmp_path, char_data_dir, "max_iters=6", "eval_interval=3", "learning_rate=1e-3", name="r")
+    resume = [f"out_dir={out}", "init_from=resume", f"data_dir={char_data_dir}"]
+    capsys.readouterr()
+    assert train(*load_config(resume)) == {}  # max_iters=6 and the rest come from the checkpoint
+    printed = capsys.readouterr().out
+    assert f"nothing to do: {out} reached max_iters=6; raise max_iters to continue" in printed
+    last = train(*load_config([*resume, "max_iters=9"]))
+    printed = capsys.readouterr().out
+    assert "overridden: max_iters=9 (command line; saved 6)" in printed
+    assert f"checkpoint: {out}/ckpt.pt (iter 9, val {last['val']:.4f})" in printed
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        steps = [json.loads(line) for line in f if '"loss"' in line]
+    assert [s["iter"] for s in steps] == list(range(1, 10)) and steps[-1]["lr"] <= 1e-3
+
+
+def test_compile_option_trains_at_smoke_size(tmp_path, char_data_dir):
+    _, last, lines = run(tmp_path, char_data_dir, "max_iters=3", "eval_interval=3", "n_layer=1", "compile=true")
+    assert [line["iter"] for line in lines if "loss" in line] == [1, 2, 3] and last["val"] < 4.5
+
+
 def test_sample_prints_text(short_run):
     out, _, _ = short_run
     p = subprocess.run([sys.executable, "sample.py", f"--ckpt={out}/ckpt.pt", "--prompt=ROMEO:",
@@ -134,32 +169,61 @@ def test_sample_prints_text(short_run):
                         capture_output=True, text=True, timeout=120)
     assert p2.returncode != 0 and "not found" in p2.stderr
 
+
 # -----------------------------------------------------------------------------
-# data
-
-def test_char_prepare_writes_vocab_and_splits(char_data_dir):
-    import numpy as np
-    root = os.path.join(char_data_dir, "shakespeare_char")
-    meta = json.load(open(os.path.join(root, "meta.json")))
-    train_ids = np.fromfile(os.path.join(root, "train.bin"), dtype=np.uint16)
-    val_ids = np.fromfile(os.path.join(root, "val.bin"), dtype=np.uint16)
-    assert meta["vocab_size"] == 65 and len(train_ids) == 1003854 and len(val_ids) == 111540
-    assert train_ids.max() < 65
+# the GPU paths, checked on CPU with stand-ins
 
 
-def test_bpe_prepare_offline_from_ranks_file(tmp_path):
-    ranks = os.path.join(os.environ.get("SHARED_DATA", os.path.join(REPO, "..", "shared", "data")), "r50k_base.tiktoken")
-    if not os.path.isfile(ranks):
-        pytest.skip("r50k_base.tiktoken not available (set SHARED_DATA)")
-    p = subprocess.run([sys.executable, "data/shakespeare/prepare.py", f"--input={shakespeare_text_path()}",
-                        f"--ranks={ranks}", f"--out_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    import numpy as np
-    # the counts nanoGPT publishes for tiny Shakespeare under the GPT-2 BPE
-    assert len(np.fromfile(tmp_path / "train.bin", dtype=np.uint16)) == 301966
-    assert len(np.fromfile(tmp_path / "val.bin", dtype=np.uint16)) == 36059
-    bad = tmp_path / "bad.tiktoken"
-    bad.write_text("not ranks\n")
-    p = subprocess.run([sys.executable, "data/shakespeare/prepare.py", f"--input={shakespeare_text_path()}",
-                        f"--ranks={bad}", f"--out_dir={tmp_path}/x"], cwd=REPO, capture_output=True, text=True)
-    assert p.returncode != 0 and "sha256" in p.stderr
+def test_empty_router_statistics_live_on_the_losss_device():
+    stats, loads = train_module.router_stats([], torch.device("meta"))
+    assert stats.device.type == loads.device.type == "meta" and stats.shape == (0, len(STAT_NAMES))
+
+
+def test_resume_restores_this_ranks_own_gpu_generator(monkeypatch):
+    """A checkpoint of 8 GPUs resumed on fewer: each rank takes its own state, none fails."""
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: seen.append(int(state[0])))
+    states = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    for rank in (0, 3):
+        gen = torch.Generator()
+        rng = {"torch": torch.get_rng_state(), "data": gen.get_state(), "cuda": states}
+        checkpoint.restore_rng(rng, gen, rank)
+    assert seen == [0, 3]
+
+
+def test_float16_is_refused_and_auto_picks_a_supported_dtype(monkeypatch):
+    with pytest.raises(ValueError, match="dtype=float16 needs loss scaling"):
+        TrainConfig(dtype="float16")
+    _, autocast = train_module.resolve_device(TrainConfig(device="cpu"))
+    assert not autocast._enabled  # float32 on a CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # a V100 or a T4
+    _, autocast = train_module.resolve_device(TrainConfig(device="cuda"))
+    assert not autocast._enabled  # float32, not bf16 emulated in software
+
+
+def test_router_and_similarity_matmuls_ignore_global_tf32(monkeypatch):
+    import router
+    from model import GPT, expert_similarity
+
+    flags = []
+    real_linear, real_matmul = router.F.linear, torch.Tensor.__matmul__
+
+    def linear(x, w, *a, **k):
+        if w.shape == (4, 16):  # the gate (E, D); the model's other linears may use TF32
+            flags.append(torch.backends.cuda.matmul.fp32_precision)
+        return real_linear(x, w, *a, **k)
+
+    def matmul(a, b):
+        flags.append(torch.backends.cuda.matmul.fp32_precision)
+        return real_matmul(a, b)
+
+    model = GPT(ModelConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16, n_expert=4))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32")
+    monkeypatch.setattr(router.F, "linear", linear)
+    model(torch.zeros(1, 8, dtype=torch.long))
+    monkeypatch.setattr(torch.Tensor, "__matmul__", matmul)
+    expert_similarity(model)
+    assert len(flags) >= 2 and set(flags) == {"ieee"}
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"  # restored outside

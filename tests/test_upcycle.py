@@ -15,6 +15,7 @@ import shutil
 import pytest
 import torch
 
+import checkpoint
 import train
 from model import GPT, ModelConfig, expert_similarity
 from upcycle import UpcycleError, load_dense, load_llama, main, upcycle_checkpoint, upcycle_state
@@ -185,8 +186,8 @@ def test_llama_cli_writes_a_checkpoint_train_py_loads(llama_dir, tmp_path, capsy
     main(["--from", llama_dir, "--n_expert", "4", "--top_k", "2", "--capacity_factor", "0",
           "--block_size", "32", "--out", str(out)])
     assert "expert similarity 1.000 1.000" in capsys.readouterr().out
-    ckpt = train.load_checkpoint(str(out / "ckpt.pt"))
-    model = train.model_from_checkpoint(ckpt).eval()
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"))
+    model = checkpoint.model_from_checkpoint(ckpt).eval()
     assert model.cfg.block_size == 32 and model.cfg.n_expert == 4 and model.cfg.kv_heads == 2
     state, cfg = load_llama(llama_dir)
     idx = tokens(97, shape=(2, 24))
@@ -287,7 +288,7 @@ def test_expert_similarity_decreases_while_training_the_upcycled_model(dense_ckp
 def test_an_moe_checkpoint_is_refused(tmp_path):
     cfg = ModelConfig(n_expert=4, top_k=2, **TINY)
     src = str(tmp_path / "moe.pt")
-    train.save_checkpoint(src, GPT(cfg), None, cfg, train.TrainConfig(), 0, float("inf"), None, None)
+    checkpoint.save_checkpoint(src, model_state=GPT(cfg).state_dict(), model_cfg=cfg, train_cfg=train.TrainConfig())
     out = tmp_path / "out"
     with pytest.raises(UpcycleError, match="already an MoE"):
         upcycle_checkpoint(src, str(out / "ckpt.pt"), 8, 2)
@@ -319,6 +320,7 @@ def test_missing_and_corrupt_checkpoints_are_refused(dense_ckpt, tmp_path):
 def test_a_config_that_does_not_describe_the_weights_is_refused(dense_ckpt, tmp_path):
     ckpt = torch.load(dense_ckpt, weights_only=False)
     ckpt["model_config"]["ffn_hidden"] = 128  # the weights are 192 wide
+    ckpt["checksum"] = checkpoint.payload_checksum(ckpt)  # an intact file, as another version would write it
     src = str(tmp_path / "edited.pt")
     torch.save(ckpt, src)
     out = tmp_path / "out"
@@ -331,7 +333,7 @@ def test_a_config_that_does_not_describe_the_weights_is_refused(dense_ckpt, tmp_
     (2, 4, {}, "top_k=4 with n_expert=2"),
     (0, 2, {"capacity_factor": 0.0}, "n_expert=0 imports"),
     (-1, 1, {}, "n_expert=-1"),
-    (4, 2, {"moe_every": 3}, "no layer would be MoE"),
+    (4, 2, {"moe_every": 3}, "moe_every=3 > n_layer=2 leaves no MoE layer"),
     (4, 2, {"n_embd": 32}, "cannot change when upcycling"),
     (4, 2, {"noise_std": -0.1}, "noise_std=-0.1"),
     (4, 2, {"gate_lambda": 0.0}, "gate_lambda=0.0"),
@@ -367,5 +369,5 @@ def test_cli_errors_exit_nonzero_and_never_overwrite(dense_ckpt, tmp_path, capsy
         main(["--from", dense_ckpt, "--n_expert", "8", "--top_k", "2", "--out", str(out)])
     assert "exists" in capsys.readouterr().err and (out / "ckpt.pt").read_bytes() == first
     main(["--from", dense_ckpt, "--n_expert", "8", "--top_k", "2", "--out", str(out), "--overwrite"])
-    assert train.load_checkpoint(str(out / "ckpt.pt"))["model_config"]["n_expert"] == 8
+    assert checkpoint.load_checkpoint(str(out / "ckpt.pt"))["model_config"]["n_expert"] == 8
     assert sorted(os.listdir(out)) == ["ckpt.pt"]

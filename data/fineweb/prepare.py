@@ -15,6 +15,8 @@ and written in document order as uint16 shards: val_000000.bin ... (the first --
 then train_000000.bin ...; a progress bar shows tokens, documents and speed. At the end the shards of
 each split are joined into train.bin / val.bin, which train.py memory-maps (--keep_shards keeps the
 shards too, --no_merge keeps only them), and meta.json records the vocabulary size.
+
+Failures raise PrepareError (one line that says what to do); main() prints it and exits 1.
 """
 import argparse
 import glob
@@ -31,6 +33,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 EOT = 50256                    # <|endoftext|>, the document separator of GPT-2 training data
 VOCAB_SIZE = 50257             # < 2**16, so uint16 holds every id
 
+
+OFFLINE_COMMAND = "python data/fineweb/prepare.py --input FILE.txt|FILE.jsonl ... --ranks path/to/r50k_base.tiktoken"
+
+
+class PrepareError(Exception):
+    """A preparation failure, as one line that says what to do."""
+
 # -----------------------------------------------------------------------------
 # documents: a streamed Hugging Face dataset, or local files through the same pipeline
 
@@ -38,18 +47,22 @@ def hf_documents(dataset, name, split, text_field="text"):
     try:
         from datasets import load_dataset
     except ImportError:
-        raise SystemExit("error: streaming a Hugging Face dataset needs `pip install datasets`; "
-                         "or pass --input with local .txt/.jsonl files") from None
-    ds = load_dataset(dataset, name=None if name in (None, "none") else name, split=split, streaming=True)
-    for row in ds:
-        yield row[text_field]
+        raise PrepareError(f"streaming a Hugging Face dataset needs `pip install datasets`; offline, run "
+                           f"`{OFFLINE_COMMAND}`") from None
+    try:
+        ds = load_dataset(dataset, name=None if name in (None, "none") else name, split=split, streaming=True)
+        for row in ds:
+            yield row[text_field]
+    except Exception as e:  # offline or a wrong name: the datasets / huggingface_hub error of the day
+        raise PrepareError(f"could not stream {dataset}/{name} ({type(e).__name__}: {str(e)[:160]}); "
+                           f"offline, run `{OFFLINE_COMMAND}`") from None
 
 
 def file_documents(paths):
     """.jsonl: one document per line (its "text"); any other file: documents separated by blank lines."""
     for path in paths:
         if not os.path.isfile(path):
-            raise SystemExit(f"error: input file {path} not found")
+            raise PrepareError(f"input file {path} not found")
         with open(path, encoding="utf-8") as f:
             if path.endswith(".jsonl"):
                 for line in f:
@@ -66,20 +79,27 @@ def file_documents(paths):
 _worker_encoding = None  # one per worker process, built once by the pool's initializer
 
 
-def gpt2_encoding(ranks_path):
+def gpt2_encoding(ranks_path, sha256="r50k_base"):
     """data/shakespeare/prepare.py's GPT-2 BPE (tiktoken's gpt2, or offline from a ranks file), loaded
-    under its own module name: every dataset's script is called prepare.py."""
+    under its own module name: every dataset's script is called prepare.py. sha256: the ranks file's
+    expected digest ("r50k_base": GPT-2's; None: any ranks file, for the tests' toy BPE)."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("shakespeare_bpe_prepare",
                                                   os.path.join(HERE, "..", "shakespeare", "prepare.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.gpt2_encoding(ranks_path)
+    try:
+        return mod.gpt2_encoding(ranks_path, mod.R50K_SHA256 if sha256 == "r50k_base" else sha256)
+    except mod.PrepareError as e:
+        if ranks_path is None:  # tiktoken's download failed
+            raise PrepareError(f"could not get the GPT-2 BPE ranks (tiktoken downloads them); offline, run "
+                               f"`{OFFLINE_COMMAND}`") from None
+        raise PrepareError(str(e)) from None
 
 
-def init_worker(ranks_path):
+def init_worker(ranks_path, sha256="r50k_base"):
     global _worker_encoding
-    _worker_encoding = gpt2_encoding(ranks_path)
+    _worker_encoding = gpt2_encoding(ranks_path, sha256)
 
 
 def encode_document(text):
@@ -87,14 +107,15 @@ def encode_document(text):
     return np.asarray(ids, dtype=np.uint16)
 
 
-def tokenised(documents, workers, ranks_path, chunksize=16):
+def tokenised(documents, workers, ranks_path, sha256="r50k_base", chunksize=16):
     """Token arrays of the documents, in document order, from `workers` processes (1: this one)."""
+    # built here first: a pool whose initializer raises restarts its workers forever instead of failing
+    init_worker(ranks_path, sha256)
     if workers <= 1:
-        init_worker(ranks_path)
         yield from map(encode_document, documents)
         return
     ctx = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
-    with ctx.Pool(workers, initializer=init_worker, initargs=(ranks_path,)) as pool:
+    with ctx.Pool(workers, initializer=init_worker, initargs=(ranks_path, sha256)) as pool:
         yield from pool.imap(encode_document, documents, chunksize=chunksize)
 
 # -----------------------------------------------------------------------------
@@ -163,10 +184,12 @@ def merge_shards(paths, out_path, remove):
 # the pipeline
 
 def prepare(documents, out_dir=HERE, ranks_path=None, workers=None, shard_tokens=100_000_000,
-            val_tokens=10_000_000, max_tokens=None, merge=True, keep_shards=False, source="", quiet=False):
-    """Tokenise `documents` (an iterable of strings) into out_dir; returns meta.json's contents."""
+            val_tokens=10_000_000, max_tokens=None, merge=True, keep_shards=False, source="", quiet=False,
+            sha256="r50k_base"):
+    """Tokenise `documents` (an iterable of strings) into out_dir; returns meta.json's contents.
+    sha256: the ranks file's expected digest (see gpt2_encoding)."""
     if shard_tokens < 1 or val_tokens < 0:
-        raise SystemExit("error: --shard_tokens must be >= 1 and --val_tokens >= 0")
+        raise PrepareError("--shard_tokens must be >= 1 and --val_tokens >= 0")
     os.makedirs(out_dir, exist_ok=True)
     for old in glob.glob(os.path.join(out_dir, "*_[0-9][0-9][0-9][0-9][0-9][0-9].bin")):
         os.remove(old)  # shards of an earlier run would otherwise be mixed into this one
@@ -174,7 +197,7 @@ def prepare(documents, out_dir=HERE, ranks_path=None, workers=None, shard_tokens
     writers = {"val": ShardWriter(out_dir, "val", shard_tokens), "train": ShardWriter(out_dir, "train", shard_tokens)}
     progress = Progress(max_tokens)
     total = docs = 0
-    for ids in tokenised(documents, workers, ranks_path):
+    for ids in tokenised(documents, workers, ranks_path, sha256):
         # whole documents go to val until it holds val_tokens, then everything goes to train
         split = "val" if writers["val"].tokens < val_tokens else "train"
         writers[split].add(ids)
@@ -189,7 +212,7 @@ def prepare(documents, out_dir=HERE, ranks_path=None, workers=None, shard_tokens
     for w in writers.values():
         w.flush()
     if not writers["train"].paths:
-        raise SystemExit(f"error: only {total:,} tokens, all used for validation: lower --val_tokens or add data")
+        raise PrepareError(f"only {total:,} tokens, all used for validation: lower --val_tokens or add data")
     meta = {"vocab_size": VOCAB_SIZE, "tokenizer": "gpt2", "source": source, "documents": docs,
             "tokens": {s: w.tokens for s, w in writers.items()},
             "shards": {s: [os.path.basename(p) for p in w.paths] for s, w in writers.items()}}
@@ -227,8 +250,14 @@ def main(argv):
         docs, source = file_documents(a.input), " ".join(a.input)
     else:
         docs, source = hf_documents(a.hf_dataset, a.hf_name, a.hf_split), f"{a.hf_dataset}/{a.hf_name}"
-    prepare(docs, a.out_dir, a.ranks, a.workers, int(a.shard_tokens), int(a.val_tokens),
-            int(a.max_tokens) if a.max_tokens else None, not a.no_merge, a.keep_shards, source)
+    try:
+        missing = [path for path in a.input or [] if not os.path.isfile(path)]
+        if missing:  # now, not after the BPE is loaded and the pool started
+            raise PrepareError(f"input file {missing[0]} not found")
+        prepare(docs, a.out_dir, a.ranks, a.workers, int(a.shard_tokens), int(a.val_tokens),
+                int(a.max_tokens) if a.max_tokens else None, not a.no_merge, a.keep_shards, source)
+    except PrepareError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
