@@ -65,7 +65,6 @@ import copy
 import datetime
 import importlib
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -627,12 +626,6 @@ class EPBenchConfig:
     world: int = 2
 
 
-def free_port():
-    """A free TCP port on the loopback interface, for a gloo rendezvous (bench.py --ep, the tests)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 # where dispatch + combine spend their time: expert_parallel.py's record_function labels (forward) and
 # the autograd nodes of its exchange and permutation (backward), as the profiler names them
@@ -715,7 +708,7 @@ def bench_ep(cfg: EPBenchConfig):
     layer with local experts ("local_s"), with sharded experts ("ep_s"), and of dispatch + combine
     alone ("exchange_s"), and the slot counts."""
     ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
+    queue, port = ctx.Queue(), ep.free_port()
     procs = [ctx.Process(target=_ep_bench_rank, args=(r, cfg, port, queue)) for r in range(cfg.world)]
     for p in procs:
         p.start()
@@ -728,7 +721,10 @@ def bench_ep(cfg: EPBenchConfig):
                 p.kill()
     slowest = {k: max(r[1][k] for r in results) for k in results[0][1]}
     return {"local_s": slowest["local"], "ep_s": slowest["ep"], "exchange_s": slowest["exchange"],
-            "phases_s": {k: max(r[5][k] for r in results) for k in EP_PHASES},
+            # a collective's last arrival waits for nobody: the smaller of the ranks' times is about
+            # the exchange itself, the larger one adds waiting for the slower rank
+            "phases_min_s": {k: min(r[5][k] for r in results) for k in EP_PHASES},
+            "phases_max_s": {k: max(r[5][k] for r in results) for k in EP_PHASES},
             "kept_slots_per_rank": [r[2] for r in sorted(results)],
             "slots_sent_to_other_ranks": [r[3] for r in sorted(results)],
             "rows_for_local_experts_ep": [r[4] for r in sorted(results)]}
@@ -812,17 +808,20 @@ def gpu_check_argv(dry):
 
 def training_rows(device, steps, warmup, dry, compile_modes=(False, True), log=print):
     """Tokens/s, MFU on active parameters and peak memory of train.train_step on the gate-norm model,
-    with torch.compile off and on (each a fresh model; the compiled one warms up longer)."""
+    with torch.compile off and on: one model and optimizer (building a 2.5B model twice would cost a
+    minute and a second copy of its 40 GB of weights, gradients and moments), compiled for the second."""
     rows = []
     measure, matmul_flops = matmul_fn(device)
     peak_measured = matmul_flops / min(time_interleaved({"m": measure}, 5, device=device).values())
+    model_cfg, tcfg, model, optimizer, coeffs = train_setup(gpu_check_argv(dry), device)
+    batches = random_batch(model_cfg, tcfg, device)
+    tokens, counts = tcfg.batch_size * model_cfg.block_size, model.param_counts()
+    datasheet = datasheet_peak_flops(device)
     for compiled in compile_modes:
-        model_cfg, tcfg, model, optimizer, coeffs = train_setup(gpu_check_argv(dry), device)
-        batches = random_batch(model_cfg, tcfg, device)
         step = step_fn(model, optimizer, coeffs, tcfg, batches, default_autocast(device), compiled)
         log(f"  training, compile {'on' if compiled else 'off'}: {warmup} warm-up + {steps} timed steps")
         t_warm = time.perf_counter()
-        for _ in range(warmup):
+        for _ in range(warmup):  # the compiled model compiles here
             step()
         synchronize(device)
         if device.type == "cuda":
@@ -832,21 +831,16 @@ def training_rows(device, steps, warmup, dry, compile_modes=(False, True), log=p
             step()
         synchronize(device)
         seconds = (time.perf_counter() - t0) / steps
-        tok_s = tcfg.batch_size * model_cfg.block_size / seconds
-        flops = tok_s * model.flops_per_token()
-        row = {"check": f"train_step, compile {'on' if compiled else 'off'}", "params": model.param_counts()["total"],
-               "active": model.param_counts()["active"], "tokens/step": tcfg.batch_size * model_cfg.block_size,
-               "warm-up s": t0 - t_warm, "step ms": 1e3 * seconds, "tok/s": tok_s}
-        datasheet = datasheet_peak_flops(device)
+        flops = tokens / seconds * model.flops_per_token()
+        row = {"check": f"train_step, compile {'on' if compiled else 'off'}", "params": counts["total"],
+               "active": counts["active"], "tokens/step": tokens, "warm-up s": t0 - t_warm,
+               "step ms": 1e3 * seconds, "tok/s": tokens / seconds}
         if datasheet:
             row["MFU %"] = 100 * flops / datasheet
         row["MFU vs matmul %"] = 100 * flops / peak_measured
         if device.type == "cuda":
             row["peak GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
         rows.append(row)
-        del model, optimizer, step
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     return rows
 
 

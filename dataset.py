@@ -12,6 +12,8 @@ import os
 import numpy as np
 import torch
 
+from model import padded_vocab_size
+
 
 class DataError(Exception):
     """A dataset that is missing or unusable; the message says what to run."""
@@ -105,13 +107,15 @@ def get_batch(data, batch_size, block_size, gen, device, rank=0, world_size=1, v
 
 
 def read_vocab_size(tcfg):
+    """The model's vocabulary for the dataset: meta.json's vocab_size, padded for a BPE tokenizer."""
     meta = os.path.join(data_root(tcfg), "meta.json")
     if not os.path.exists(meta):
         raise DataError(f"{meta} not found: {prepare_advice(tcfg)}")
     try:
         with open(meta, encoding="utf-8") as f:
-            vocab = json.load(f)["vocab_size"]
-    except (ValueError, KeyError, TypeError, OSError) as e:
+            info = json.load(f)
+        vocab, bpe = info["vocab_size"], info.get("tokenizer") == "gpt2"
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
         raise DataError(
             f"{meta} is not a dataset description with a vocab_size ({type(e).__name__}): {prepare_advice(tcfg)}"
         ) from None
@@ -119,7 +123,7 @@ def read_vocab_size(tcfg):
         raise DataError(
             f"{meta}: vocab_size={vocab!r} is not a vocabulary of uint16 tokens (1..65536): {prepare_advice(tcfg)}"
         )
-    return vocab
+    return padded_vocab_size(vocab) if bpe else vocab  # GPT-2's 50,257 -> 50,304 rows (model.py)
 
 
 def open_splits(tcfg, block_size, vocab_size, vocab_from):

@@ -29,6 +29,7 @@ Split sizes are Python lists of length R (`send_splits`, `recv_splits`): rows pe
 import contextlib
 import datetime
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -491,6 +492,7 @@ def on_every_rank(groups, fn, explained=(Exception,)):
 # is the one that died, the others can only say that the store went away with it.
 
 HEARTBEAT_S = 1.0
+STORE_WAIT_S = 2.0  # how long a rank waits for the store to answer before blaming its host
 
 
 def _key(kind, rank):
@@ -533,10 +535,28 @@ def report_failure(groups, message):
 def find_culprit(groups, wait_s=3 * HEARTBEAT_S):
     """(rank, why) of the peer that broke this rank's collective: the lowest one that reported a
     failure, else one whose heartbeat stood still for wait_s without it saying it was leaving;
-    (None, reason) if there is none or the store cannot be read. Takes at most wait_s."""
-    store = groups.store
-    if store is None:
+    (None, reason) if there is none. Takes at most wait_s + STORE_WAIT_S: the store is read from a
+    daemon thread, since a call to a store whose host hangs (SIGSTOP) never returns, whatever its
+    timeout, and a store that does not answer names its host."""
+    if groups.store is None:
         return None, "no store kept"
+    found = []
+    reader = threading.Thread(target=lambda: found.append(_read_culprit(groups, wait_s)), daemon=True)
+    reader.start()
+    reader.join(wait_s + STORE_WAIT_S)
+    return found[0] if found else _store_host_failed(groups, f"did not answer for {wait_s + STORE_WAIT_S:.0f} s")
+
+
+def _store_host_failed(groups, what):
+    """The store's host as the culprit: in a bare env:// launch rank 0 hosts it; under torchrun the
+    launcher does (TORCHELASTIC_RUN_ID), and no rank is to blame."""
+    if "TORCHELASTIC_RUN_ID" in os.environ or groups.rank == 0:
+        return None, f"the rendezvous store {what}"
+    return 0, f"the rendezvous store it hosts {what}: it was killed, or it hangs"
+
+
+def _read_culprit(groups, wait_s):
+    store = groups.store
     peers = [r for r in range(groups.world_size) if r != groups.rank]
     try:
         store.set(_key("leaving", groups.rank), "1")
@@ -553,11 +573,8 @@ def find_culprit(groups, wait_s=3 * HEARTBEAT_S):
             still = store.get(_key("beat", r)) == beats[r] if beats[r] is not None else False
             if still and not store.check([_key("leaving", r)]):
                 return r, f"it stopped responding (no heartbeat for {wait_s:.0f} s): it was killed, or it hangs"
-    except Exception as e:
-        return None, (
-            f"the rendezvous store is unreachable ({type(e).__name__}); in a bare env:// launch rank 0 hosts it, "
-            "so rank 0 probably died: see its log"
-        )
+    except Exception as e:  # the connection to the store broke: its host died
+        return _store_host_failed(groups, f"is unreachable ({type(e).__name__})")
     return None, "no other rank reported an error or stopped responding"
 
 
@@ -580,6 +597,14 @@ def name_failed_rank(groups, e, explained):
     report_failure(groups, f"{type(e).__name__}: {e}")
 
 
+def free_port():
+    """A free TCP port on this machine, for a rendezvous of ranks started here (tests, bench.py,
+    notebooks; torchrun --standalone picks its own)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
 def process_groups(ep_size, backend, device, world_size, timeout_s, explained=(), build=None):
     """The ParallelGroups of this process for the duration of a run: ParallelGroups.local() for one
@@ -594,11 +619,19 @@ def process_groups(ep_size, backend, device, world_size, timeout_s, explained=()
     timeout = datetime.timedelta(seconds=timeout_s)
     # the rendezvous init_process_group("env://") would do, done here to keep its store: where a rank
     # leaves its error and its heartbeat for the others
-    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
-    dist.init_process_group(
-        resolve_backend(backend, device.type), store=store, rank=rank, world_size=world, timeout=timeout,
-        device_id=device if device.type == "cuda" else None,  # NCCL: connect now, not at the first collective
-    )  # fmt: skip
+    try:
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        dist.init_process_group(
+            resolve_backend(backend, device.type), store=store, rank=rank, world_size=world, timeout=timeout,
+            device_id=device if device.type == "cuda" else None,  # NCCL: connect now, not at the first collective
+        )  # fmt: skip
+    except (RuntimeError, ValueError) as e:  # DistNetworkError, DistStoreError: a rank missing, a wrong address
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise RankFailure(
+            f"the {world_size} ranks did not all meet at {where} within dist_timeout_s={timeout_s:g} ({detail}): "
+            "start every rank, with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE"
+        ) from None
     heartbeat = None
     try:
         groups = build_groups(ep_size, store, timeout) if build is None else build(store, timeout)

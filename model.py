@@ -56,21 +56,32 @@ class ModelConfig:
         def need(ok, msg):
             if not ok:
                 raise ValueError(msg)
-        need(self.vocab_size > 0 and self.block_size > 0 and self.n_layer > 0, "vocab_size, block_size and n_layer must be > 0")
-        need(self.n_head > 0 and self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
-        need((self.n_embd // self.n_head) % 2 == 0, f"head dim n_embd/n_head={self.n_embd // self.n_head} must be even for RoPE")
-        need(self.n_kv_head >= 0 and self.n_head % max(self.n_kv_head, 1) == 0, f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head} (0 = n_head)")
+
+        need(self.vocab_size > 0 and self.block_size > 0 and self.n_layer > 0,
+             "vocab_size, block_size and n_layer must be > 0")
+        need(self.n_head > 0 and self.n_embd % self.n_head == 0,
+             f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
+        need((self.n_embd // self.n_head) % 2 == 0,
+             f"head dim n_embd/n_head={self.n_embd // self.n_head} must be even for RoPE")
+        need(self.n_kv_head >= 0 and self.n_head % max(self.n_kv_head, 1) == 0,
+             f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head} (0 = n_head)")
         need(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
-        need(self.ffn_hidden >= 0 and self.expert_hidden >= 0, "ffn_hidden and expert_hidden must be >= 0 (0 = default size)")
+        need(self.ffn_hidden >= 0 and self.expert_hidden >= 0,
+             "ffn_hidden and expert_hidden must be >= 0 (0 = default size)")
         need(self.n_expert >= 0, f"n_expert={self.n_expert} must be >= 0 (0 = dense model)")
         if self.n_expert:
             need(1 <= self.top_k <= self.n_expert, f"top_k={self.top_k} must be in [1, n_expert={self.n_expert}]")
             need(self.moe_every >= 1, f"moe_every={self.moe_every} must be >= 1 (1 = every layer, 2 = every other)")
-            need(self.capacity_factor is None or self.capacity_factor >= 0, f"capacity_factor={self.capacity_factor} must be >= 0 (0 = dropless)")
+            need(self.capacity_factor is None or self.capacity_factor >= 0,
+                 f"capacity_factor={self.capacity_factor} must be >= 0 (0 = dropless)")
             need(self.gate_lambda > 0, f"gate_lambda={self.gate_lambda} must be > 0 (paper: 1; tried 0.5, 1, 2)")
-            need(not self.gate_norm or self.n_expert >= 2, "gate_norm needs n_expert >= 2 (the std over one logit is undefined): set gate_norm=false")
-            need(self.aux_loss in ("eq4", "switch", "none"), f"aux_loss={self.aux_loss!r}: use 'eq4', 'switch' or 'none'")
-            need(self.moe_every <= self.n_layer, f"moe_every={self.moe_every} > n_layer={self.n_layer} leaves no MoE layer: "
+            need(not self.gate_norm or self.n_expert >= 2,
+                 "gate_norm needs n_expert >= 2 (the std over one logit is undefined): set gate_norm=false")
+            need(self.aux_loss in ("eq4", "switch", "none"),
+                 f"aux_loss={self.aux_loss!r}: use 'eq4', 'switch' or 'none'")
+            # moe_every > n_layer would leave every layer dense: a dense model trained as if it were MoE
+            need(self.moe_every <= self.n_layer,
+                 f"moe_every={self.moe_every} > n_layer={self.n_layer} leaves no MoE layer: "
                  "lower moe_every, or set n_expert=0 for a dense model")
         check_settings(self)  # every declared range (non-finite values included), before the sizes below
         if self.ffn_hidden == 0:
@@ -399,13 +410,15 @@ class GPT(nn.Module):
         return logits, loss, router_outputs
 
     @torch.no_grad()
-    def generate(self, idx_BL, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+    def generate(self, idx_BL, max_new_tokens, temperature=1.0, top_k=None, generator=None, n_tokens=None):
         """Autoregressive sampling (no KV cache: this is a teaching model). Dropless routing at
-        inference would differ from training's capacity; we keep the trained config as is."""
+        inference would differ from training's capacity; we keep the trained config as is. n_tokens:
+        the tokenizer's vocabulary, when the model's is padded (padded_vocab_size): ids beyond it are
+        never sampled."""
         for _ in range(max_new_tokens):
             ctx = idx_BL[:, -self.cfg.block_size:]
             logits, _, _ = self(ctx)
-            logits = logits[:, -1, :] / max(temperature, 1e-8)
+            logits = logits[:, -1, :n_tokens] / max(temperature, 1e-8)
             if top_k is not None:
                 v = logits.topk(min(top_k, logits.size(-1))).values
                 logits[logits < v[:, [-1]]] = -float("inf")

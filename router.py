@@ -283,7 +283,9 @@ class Router(nn.Module):
             z = router_z_loss(logits_TE)
 
         with torch.no_grad():  # statistics: a few reductions over (T, E) tensors already at hand
-            load_E = torch.bincount(ids_TK.reshape(-1), minlength=E).float()
+            # routed assignments per expert: scatter_add_ into a known-size buffer (bincount syncs on CUDA)
+            ids_N = ids_TK.reshape(-1)
+            load_E = torch.zeros(E, device=ids_N.device).scatter_add_(0, ids_N, torch.ones(ids_N.shape, device=ids_N.device))
             load_cv = load_E.std(correction=0) / load_E.mean()
             drop_rate = 1.0 - keep_TK.float().mean()
             gate = gate_decisiveness(probs_GTE.detach())

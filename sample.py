@@ -23,7 +23,7 @@ class SampleError(Exception):
 
 
 def tokenizer_for(train_config, ranks_path=None):
-    """(encode, decode) for the dataset the checkpoint was trained on."""
+    """(encode, decode, its vocabulary size) for the dataset the checkpoint was trained on."""
     data_dir, dataset = train_config.get("data_dir", "data"), train_config.get("dataset", "shakespeare_char")
     meta_path = os.path.join(data_dir, dataset, "meta.json")
     if not os.path.exists(meta_path):
@@ -38,15 +38,20 @@ def tokenizer_for(train_config, ranks_path=None):
             if missing:
                 raise SampleError(f"the prompt has characters outside the vocabulary: {missing}")
             return [stoi[c] for c in s]
-        return encode, lambda ids: "".join(meta["chars"][i] for i in ids)
+        return encode, lambda ids: "".join(meta["chars"][i] for i in ids), len(meta["chars"])
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shakespeare"))
     from prepare import gpt2_encoding
     enc = gpt2_encoding(ranks_path)
-    return enc.encode_ordinary, enc.decode
+    return enc.encode_ordinary, enc.decode, enc.n_vocab
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 1, like every other bad input (argparse: usage, 2)
+        sys.exit(f"error: {message} (python sample.py --help lists the options)")
 
 
 def main(argv):
-    p = argparse.ArgumentParser(description="Generate text from a checkpoint.")
+    p = ArgumentParser(description="Generate text from a checkpoint.")
     p.add_argument("--ckpt", default=os.path.join("out", "ckpt.pt"))
     p.add_argument("--prompt", default="\n")
     p.add_argument("--num_samples", type=int, default=3)
@@ -69,7 +74,7 @@ def main(argv):
     try:
         ckpt = load_checkpoint(args.ckpt)
         model = model_from_checkpoint(ckpt, device, where=args.ckpt).eval()
-        encode, decode = tokenizer_for(ckpt["train_config"] or {}, args.ranks)
+        encode, decode, n_tokens = tokenizer_for(ckpt["train_config"] or {}, args.ranks)
         ids = encode(args.prompt)
     except (CheckpointError, SampleError) as e:
         sys.exit(f"error: {e}")
@@ -78,7 +83,7 @@ def main(argv):
     gen = torch.Generator(device=device).manual_seed(args.seed)
     x = torch.tensor([ids], dtype=torch.long, device=device)
     for _ in range(args.num_samples):
-        y = model.generate(x, args.max_new_tokens, args.temperature, args.top_k, generator=gen)
+        y = model.generate(x, args.max_new_tokens, args.temperature, args.top_k, generator=gen, n_tokens=n_tokens)
         print(decode(y[0].tolist()))
         print("---------------")
 

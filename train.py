@@ -540,6 +540,7 @@ def save(run, val_loss=None, full_state=None, gathered=False):
             ) from None
 
     ep.on_every_rank(run.groups, write, EXPLAINED)
+    run.run_dir.last_saved = run.iter_num  # on every rank: loop() decides on it, collectively
 
 
 def evaluate(run, tokens_per_step):

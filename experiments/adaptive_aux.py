@@ -87,6 +87,15 @@ def efolding_time(it, alpha, target, alpha_0=ALPHA_0):
     return float(it[hit[0]] - it[0]) if len(hit) else float("nan")  # the first record has seen no update
 
 
+def release_step(it, alpha, xi_d_capped, alpha_0=ALPHA_0, beta=BETA):
+    """First iteration (counted from the first logged one) at which the target min(xi d, alpha_max),
+    averaged over the controller's own window 1/(1-beta) (trailing), is 1 % below alpha_0: before it,
+    a layer dropping more than alpha_max/xi holds the target at the cap and alpha has nothing to follow."""
+    window = max(1, int(round(1 / (1 - beta))))
+    below = np.flatnonzero(an.smooth(xi_d_capped, window) < 0.99 * alpha_0)
+    return float(it[below[0]] - it[0]) if len(below) else float("nan")
+
+
 def closed_form_alpha(steps, target, alpha_0=ALPHA_0, beta=BETA):
     """Eq. 9 from alpha_0 toward a constant target: alpha_t = target + (alpha_0 - target) beta^t."""
     return target + (alpha_0 - target) * beta ** np.arange(steps)
@@ -110,6 +119,9 @@ def run_numbers(metrics, keys):
             rec["efold_measured"] = efolding_time(it, a, rec["target_late"], keys["aux_alpha"])
             ideal = closed_form_alpha(len(it), rec["target_late"], keys["aux_alpha"], keys["aux_beta"])
             rec["efold_closed_form"] = efolding_time(it, ideal, rec["target_late"], keys["aux_alpha"])
+            rec["release"] = release_step(it, a, np.minimum(keys["aux_xi"] * d, keys["aux_alpha_max"]),
+                                          keys["aux_alpha"], keys["aux_beta"])
+            rec["efold_after_release"] = rec["efold_measured"] - rec["release"]
         per_layer.append(rec)
     return {"val_loss": metrics["evals"][-1]["val_loss"], "train_loss_late": an.tail_mean(loss, 0.1),
             "drop_late": float(np.mean([r["drop_late"] for r in per_layer])),
@@ -141,10 +153,11 @@ def tables(summary):
     for r in summary["variants"].get("adaptive", []):
         for i, lay in enumerate(r["layers"]):
             track.append([r["seed"], i + 1, f"{100 * lay['drop_late']:.2f} %", f"{lay['target_late']:.5f}",
-                          f"{lay['alpha_late']:.5f}", f"{lay['efold_measured']:.0f}",
-                          f"{lay['efold_closed_form']:.0f}"])
+                          f"{lay['alpha_late']:.5f}", f"{lay['efold_measured']:.0f}", f"{lay['release']:.0f}",
+                          f"{lay['efold_after_release']:.0f}", f"{lay['efold_closed_form']:.0f}"])
     lag = an.markdown_table(["seed", "MoE layer", "drop (last 20 %)", "a* = min(ξd, α_max) (last 20 %)",
-                             "α (last 20 %)", "e-folding time, measured (steps)", "closed form (steps)"], track)
+                             "α (last 20 %)", "e-folding time from step 0", "target leaves the cap at",
+                             "e-folding time after that", "closed form (steps)"], track)
     return main, lag
 
 
@@ -152,11 +165,11 @@ def claims(summary):
     v = summary["variants"]
     lines, out = [], []
 
-    def line(text, effects, digits):
-        verdict = an.verdict(effects, +1)
+    def line(text, effects, digits):  # the paper publishes no adaptive-vs-fixed comparison: our hypotheses
+        verdict = an.verdict_words(an.verdict(effects, +1), ours=True)
         m, s = an.mean_sd(effects)
-        out.append({"claim": text, "effects": effects, "mean": m, "sd": s, "verdict": verdict})
-        lines.append(f"- {text}: {m:+.{digits}f} ± {s:.{digits}f} (seeds: {an.fmt_seeds(effects, digits)}) "
+        out.append({"claim": text, "effects": effects, "mean": m, "sd": s, "verdict": verdict, "ours": True})
+        lines.append(f"- (ours) {text}: {m:+.{digits}f} ± {s:.{digits}f} (seeds: {an.fmt_seeds(effects, digits)}) "
                      f"-> **{verdict}**")
 
     for k in ("fixed_1e-2", "fixed_1e-3"):
@@ -170,10 +183,10 @@ def claims(summary):
         # alpha settles at min(xi d, alpha_max) of its own layer: |alpha / a* - 1| small in every seed
         for i in range(n_layers):
             ratio = [r["layers"][i]["alpha_late"] / max(r["layers"][i]["target_late"], 1e-12) for r in v["adaptive"]]
-            lag = [r["layers"][i]["efold_measured"] - r["layers"][i]["efold_closed_form"] for r in v["adaptive"]]
+            lag = [r["layers"][i]["efold_after_release"] for r in v["adaptive"]]
             lines.append(f"- adaptive, MoE layer {i + 1}: alpha / a* (last 20 %) = {an.fmt_ms(ratio, 2)}; e-folding "
-                         f"time minus the closed form's {closed_form_tau():.1f}: {an.fmt_ms(lag, 0)} steps "
-                         f"(seeds: {an.fmt_seeds(lag, 0)}).")
+                         f"time after the target leaves the cap {an.fmt_ms(lag, 0)} steps (seeds: "
+                         f"{an.fmt_seeds(lag, 0)}) against the closed form's {closed_form_tau():.1f}.")
     return "\n".join(lines), out
 
 
@@ -225,9 +238,14 @@ def report(stages, scale, out, data_dir):
     setup = (an.describe_setup(runs) + f" Gate normalization lambda 1; Switch-form balance loss. Adaptive: xi {XI}, "
              f"alpha_max {ALPHA_MAX}, beta {BETA}, alpha_0 {ALPHA_0}. 'Late' = last 20 % of steps. Wall time per run: "
              f"{an.wall_times(runs)}.")
-    lag = (lag_table + f"\n\nClosed form (constant target, from alpha_0 = {ALPHA_0}): tau = -1/ln(beta) = "
-           f"{closed_form_tau():.1f} steps; the closed-form column applies the same estimator to that curve "
-           "(it reads tau rounded up to a whole step).")
+    lag = (lag_table + f"\n\nClosed form (constant target a*, from alpha_0 = {ALPHA_0}): alpha_t = a* + (alpha_0 - a*) "
+           f"beta^t closes 1 - 1/e of the gap in tau = -1/ln(beta) = {closed_form_tau():.1f} steps; the closed-form "
+           "column applies the same estimator to that curve (it reads tau rounded up to a whole step). While a "
+           "layer drops more than alpha_max / xi = 5 %, its target sits at the cap (= alpha_0) and alpha cannot move, "
+           "so the e-folding time from step 0 is mostly the time the drop rate takes to fall below 5 %; 'after "
+           "that' starts the clock when the target's 100-step trailing mean first falls 1 % below alpha_0. It is "
+           "still longer than tau when the target keeps falling after that: eq. 9 is exact (the tests replay "
+           "it on every logged step), the target is not constant.")
     sections = [("Setup", setup), ("Results", main_table), ("The controller's lag against its closed form", lag),
                 ("Claims (verdict: the effect must exceed the seed spread)", text)]
     data = {"setup": setup, "keys": runs[0].keys, "closed_form_tau": closed_form_tau(), **summary, "paper": PAPER}

@@ -152,6 +152,15 @@ def verdict(effects, claimed_sign=+1):
     return "inconclusive at this scale"
 
 
+OUR_WORDS = {"reproduces": "holds", "does not reproduce": "the opposite holds"}
+
+
+def verdict_words(verdict, ours):
+    """The verdict of a claim of the paper as it is; of our own hypothesis (not the paper's) as
+    "holds" / "the opposite holds" / "inconclusive at this scale"."""
+    return OUR_WORDS.get(verdict, verdict) if ours else verdict
+
+
 def paired(by_variant, key, variant, base, scale=1.0):
     """variant - base of `key`, paired by seed: the list of per-seed differences."""
     b = {r["seed"]: r[key] for r in by_variant.get(base, [])}

@@ -189,12 +189,12 @@ def claims(summary):
     v = summary["variants"]
     out = []
 
-    def line(text, effects, sign=+1, digits=3, unit=""):
-        verdict = an.verdict(effects, sign)
+    def line(text, effects, sign=+1, digits=3, unit="", ours=False):
+        verdict = an.verdict_words(an.verdict(effects, sign), ours)
         m, s = an.mean_sd(effects)
-        out.append({"claim": text, "effects": effects, "mean": m, "sd": s, "verdict": verdict})
-        return (f"- {text}: {m:+.{digits}f} ± {s:.{digits}f}{unit} (seeds: {an.fmt_seeds(effects, digits)}) "
-                f"-> **{verdict}**")
+        out.append({"claim": text, "effects": effects, "mean": m, "sd": s, "verdict": verdict, "ours": ours})
+        return (f"- {'(ours) ' if ours else ''}{text}: {m:+.{digits}f} ± {s:.{digits}f}{unit} "
+                f"(seeds: {an.fmt_seeds(effects, digits)}) -> **{verdict}**")
 
     lines = []
     if "no_norm" in v:
@@ -204,9 +204,13 @@ def claims(summary):
         lines.append(f"- Readout: no normalization's fall from peak {an.fmt_seeds(falls, 2)}, lambda = 1's "
                      f"{an.fmt_seeds(ctrl, 2) or 'n/a'} (threshold {DRIFT_FALL}) -> the drift "
                      f"{'reproduces' if hit else 'does not reproduce by the stated readout'}.")
+        lines.append(line(f"without normalization the gate drifts toward flat: no norm's fall from peak minus the "
+                          f"readout's {DRIFT_FALL}", [f - DRIFT_FALL for f in falls], digits=3))
         if ctrl:
-            lines.append(line("drift toward flat: Max1/Max2's fall from peak, no norm minus lambda 1",
+            lines.append(line("the same, relative to the control: no norm's fall from peak minus lambda 1's",
                               paired_fall(v, "no_norm", "lambda_1"), digits=3))
+            lines.append(line("normalization keeps the gate more decisive: late Max1/Max2 (mean of ratios), "
+                              "lambda 1 minus no norm", paired_fall(v, "lambda_1", "no_norm", "late"), digits=2))
     for k in ("lambda_1", "lambda_0.5", "lambda_2"):
         if k in v and "no_norm" in v:
             lines.append(line(f"{LABELS[k]} has a lower late drop rate than no norm (points)",
@@ -221,13 +225,13 @@ def claims(summary):
         norms = {k: [{"seed": r["seed"], "norm": r["router_weight_norm"]["late"]} for r in v[k]]
                  for k in ("no_norm_wd0", "no_norm")}
         lines.append(line("weight decay keeps the gate smaller: late gate weight norm, gate WD 0 minus no norm",
-                          an.paired(norms, "norm", "no_norm_wd0", "no_norm"), digits=2))
+                          an.paired(norms, "norm", "no_norm_wd0", "no_norm"), digits=2, ours=True))
     for k, what in (("no_norm_wd0", "no weight decay on the gate"), ("no_norm_eq4", "eq. 4 at matched alpha")):
         if k in v and "no_norm" in v:
-            lines.append(line(f"{what} changes the drift: no norm's fall minus this arm's",
-                              paired_fall(v, "no_norm", k), digits=3))
-            lines.append(line(f"{what}: late drop rate minus no norm's (points)",
-                              an.paired(v, "drop_late", k, "no_norm", scale=100), digits=2))
+            lines.append(line(f"{what} shrinks the fall from peak: no norm's fall minus this arm's",
+                              paired_fall(v, "no_norm", k), digits=3, ours=True))
+            lines.append(line(f"{what} drops more: late drop rate minus no norm's (points)",
+                              an.paired(v, "drop_late", k, "no_norm", scale=100), digits=2, ours=True))
     return "\n".join(lines), out
 
 

@@ -18,24 +18,21 @@ import copy
 import datetime
 import json
 import os
-import queue
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import REPO
 
 import expert_parallel as ep
 import tensor_parallel as tp
 from config import load_config as load_configs
+from conftest import REPO
 from model import GPT, ModelConfig, MoE
+from ranks import ok_results, spawn, torch_threads
 from router import STAT_NAMES, AuxCoefficients
 from train import TrainConfig, forward_backward, train
 
@@ -52,74 +49,6 @@ def clip_and_step(model, optimizer, tcfg, groups):
 
 EP2_PRESET = os.path.join(REPO, "config", "shakespeare_char_ep2.toml")
 TOL = {"float64": 1e-10, "float32": 1e-5}
-
-# -----------------------------------------------------------------------------
-# spawning ranks
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_entry(fn, rank, world, port, results_queue, args):
-    torch.set_num_threads(1)  # two cores shared by all ranks
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    try:
-        results_queue.put((rank, "ok", fn(rank, world, *args)))
-    except BaseException as e:  # SystemExit included: the message is what the tests check
-        results_queue.put((rank, "error", f"{type(e).__name__}: {e}", traceback.format_exc()))
-
-
-def spawn(fn, world, *args, timeout=90):
-    """Run fn(rank, world, *args) on `world` forked processes with torchrun's environment variables.
-    Returns each rank's ("ok", value) or ("error", message, traceback), in rank order. Fails if a rank
-    is still running after `timeout` seconds (a hang), killing the processes it started."""
-    ctx = mp.get_context("fork")
-    results_queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_rank_entry, args=(fn, r, world, port, results_queue, args)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results, deadline = {}, time.time() + timeout
-    try:
-        while len(results) < world:
-            if time.time() > deadline:
-                raise AssertionError(f"ranks {sorted(set(range(world)) - set(results))} still running after "
-                                     f"{timeout} s: a hang")
-            try:
-                rank, *res = results_queue.get(timeout=0.5)
-            except queue.Empty:
-                # a rank that exited put its result first (the queue is flushed at exit)
-                dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
-                if dead and results_queue.empty():
-                    raise AssertionError(f"rank(s) {dead} died without a result") from None
-                continue
-            results[rank] = tuple(res)
-    finally:
-        for p in procs:
-            p.join(timeout=max(1.0, deadline - time.time()))
-            if p.is_alive():
-                p.kill()
-                p.join()
-    return [results[r] for r in range(world)]
-
-
-@contextlib.contextmanager
-def torch_threads(n):
-    """This process's CPU threads, for a single-process reference run beside forked ranks."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def ok_results(results):
-    for r, res in enumerate(results):
-        assert res[0] == "ok", f"rank {r} failed: {res[1]}\n{res[2]}"
-    return [res[1] for res in results]
 
 # -----------------------------------------------------------------------------
 # acceptance 1: R ranks == one process, every tensor that matters

@@ -1,24 +1,20 @@
-"""The code paths a GPU run takes, checked on CPU with stand-ins (issue 16's items 1, 6, 7): expert
-parallelism under bf16 autocast when some ranks' experts receive no token at all, the dtype of the rows
-that are exchanged, and the number of device -> host syncs per MoE layer under expert parallelism. The
-capability-based choice of the grouped matmul and the single-process sync count are in test_model.py;
-what only a GPU can settle is in `python bench.py --gpu`, whose CPU dry path runs in test_bench.py.
+"""The code paths a GPU run takes, checked on CPU with stand-ins (issue 16's items 1, 6, 7): the number
+of device -> host syncs per MoE layer, in one process and under expert parallelism; expert parallelism
+under bf16 autocast when some ranks' experts receive no token at all; the dtype of the rows that are
+exchanged. The capability-based choice of the grouped matmul, the fused [w1; w3] matmul and the dtype
+of the rows in one process are in test_model.py; what only a GPU can settle is in
+`python bench.py --gpu`, whose CPU dry path runs in test_bench.py.
 
-Ranks are forked gloo processes on a free loopback port; every wait is bounded.
+Ranks are forked gloo processes (tests/ranks.py); every wait is bounded.
 """
 import io
-import queue
-import time
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import expert_parallel as ep
-from bench import free_port
 from model import ModelConfig, MoE
+from ranks import ok_results, spawn
 
 D, F_HIDDEN, T_RANK = 32, 48, 16  # model dim, expert hidden, tokens per rank
 
@@ -56,45 +52,18 @@ def test_host_syncs_per_moe_layer_one_process(monkeypatch, impl, capacity_factor
     assert len(counter.calls) == routing + (impl == "loop"), counter.calls
 
 
-def run_ranks(fn, world, *args, timeout=90):
-    """fn(rank, world, *args) on `world` forked gloo ranks; returns their results in rank order."""
-    ctx = mp.get_context("fork")
-    results_queue, port = ctx.Queue(), free_port()
+def as_bytes(value):
+    """A rank's tensors as bytes for the result queue: a tensor put on a torch.multiprocessing queue is
+    shared through a file descriptor that dies with its process, which may exit before it is read."""
+    buf = io.BytesIO()
+    torch.save(value, buf)
+    return buf.getvalue()
 
-    def entry(rank):
-        torch.set_num_threads(1)
-        try:
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-            try:
-                # as bytes: a tensor put on the queue is shared by a file descriptor that dies with this
-                # process, which may exit before the parent reads it
-                buf = io.BytesIO()
-                torch.save(fn(rank, world, *args), buf)
-                results_queue.put((rank, "ok", buf.getvalue()))
-            finally:
-                dist.destroy_process_group()
-        except BaseException as e:
-            results_queue.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
-    procs = [ctx.Process(target=entry, args=(r,)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results, deadline = {}, time.time() + timeout
-    try:
-        while len(results) < world:
-            assert time.time() < deadline, f"ranks {sorted(set(range(world)) - set(results))} hang"
-            try:
-                rank, status, value = results_queue.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            assert status == "ok", f"rank {rank} failed: {value}"
-            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
-    finally:
-        for p in procs:
-            p.join(timeout=max(1.0, deadline - time.time()))
-            if p.is_alive():
-                p.kill()
-    return [results[r] for r in range(world)]
+def run_ranks(fn, world, *args):
+    """fn(rank, world, *args) on `world` forked gloo ranks (tests/ranks.py); its results, rank order."""
+    return [torch.load(io.BytesIO(b), weights_only=False)
+            for b in ok_results(spawn(lambda rank, w: as_bytes(fn(rank, w, *args)), world, gloo=True))]
 
 
 def one_rank_layer(n_expert, capacity_factor):

@@ -15,75 +15,24 @@ Ranks are forked, talk over a free loopback port, and every wait is bounded: a h
 """
 import copy
 import datetime
-import os
-import queue
-import socket
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import tensor_parallel as tp
 from model import GPT, ModelConfig
+from ranks import ok_results
+from ranks import spawn as spawn_ranks
 from router import balance_loss
 
 TIMEOUT = datetime.timedelta(seconds=60)
 TOL = 1e-10
 
-# -----------------------------------------------------------------------------
-# spawning ranks
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_entry(fn, rank, world, port, results, args):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    try:
-        dist.init_process_group("gloo", timeout=TIMEOUT)
-        try:
-            results.put((rank, "ok", fn(rank, world, *args)))
-        finally:
-            dist.destroy_process_group()
-    except BaseException as e:
-        results.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-
-
 def spawn(fn, world, *args, timeout=120):
     """fn(rank, world, *args) on `world` forked gloo ranks; each rank's return value, in rank order."""
-    ctx = mp.get_context("fork")
-    results, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_rank_entry, args=(fn, r, world, port, results, args)) for r in range(world)]
-    for p in procs:
-        p.start()
-    out, deadline = {}, time.time() + timeout
-    try:
-        while len(out) < world:
-            if time.time() > deadline:
-                raise AssertionError(f"ranks {sorted(set(range(world)) - set(out))} still running after {timeout} s")
-            try:
-                rank, status, value = results.get(timeout=0.5)
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if r not in out and p.exitcode not in (None, 0)]
-                if dead and results.empty():
-                    raise AssertionError(f"rank(s) {dead} died without a result") from None
-                continue
-            assert status == "ok", f"rank {rank} failed: {value}"
-            out[rank] = value
-    finally:
-        for p in procs:
-            p.join(timeout=max(1.0, deadline - time.time()))
-            if p.is_alive():
-                p.kill()
-                p.join()
-    return [out[r] for r in range(world)]
+    return ok_results(spawn_ranks(fn, world, *args, timeout=timeout, gloo=True))
+
 
 # -----------------------------------------------------------------------------
 # acceptance 1: every layout == one process
