@@ -60,6 +60,7 @@ model (experiments/gate_norm.py, 2.5B parameters, ep_size=1) on random tokens, c
 tokens/s, MFU on active parameters, peak memory. Without a GPU it runs at toy sizes on the CPU (the
 test suite's dry run), and says so.
 """
+
 import argparse
 import copy
 import datetime
@@ -88,6 +89,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
 # measuring: interleaved medians and peak memory
+
 
 def synchronize(device):
     if device.type == "cuda":
@@ -135,15 +137,17 @@ def default_autocast(device):
     """What train.py uses: bfloat16 autocast on CUDA, plain float32 on CPU."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
+
 # -----------------------------------------------------------------------------
 # (a), (c), (d): one MoE layer against its dense equivalent
 
+
 @dataclass
 class LayerCase:
-    n_expert: int    # E
-    tokens: int      # T
-    n_embd: int      # D; the expert hidden F is the default 8/3 D rounded up to 64
-    top_k: int = 2   # K
+    n_expert: int  # E
+    tokens: int  # T
+    n_embd: int  # D; the expert hidden F is the default 8/3 D rounded up to 64
+    top_k: int = 2  # K
 
 
 class PassThrough(nn.Module):
@@ -198,6 +202,7 @@ def layer_variants(case, names, device, seed=0):
             with autocast:
                 y, r = forward(layer)
             torch.autograd.backward((y.view(T, D), r.aux_loss), (grad_TD.to(y.dtype), None))
+
         return step
 
     def dense_step():
@@ -214,9 +219,14 @@ def layer_variants(case, names, device, seed=0):
         torch.autograd.backward((r.weights_TK, r.aux_loss), (torch.ones_like(r.weights_TK), None))
 
     layer_call = lambda layer: layer(x_TD.view(1, T, D))  # noqa: E731
-    fns = {"dense": dense_step, "moe": moe_step(moe, layer_call), "loop": moe_step(loop, layer_call),
-           "naive": moe_step(moe, lambda layer: naive_moe(layer, x_TD)),
-           "routing": moe_step(routing, layer_call), "router": router_step}
+    fns = {
+        "dense": dense_step,
+        "moe": moe_step(moe, layer_call),
+        "loop": moe_step(loop, layer_call),
+        "naive": moe_step(moe, lambda layer: naive_moe(layer, x_TD)),
+        "routing": moe_step(routing, layer_call),
+        "router": router_step,
+    }
     return {n: fns[n] for n in names}, {"moe": moe, "dense": dense, "x": x_TD}
 
 
@@ -235,8 +245,15 @@ def layer_rows(measured):
     rows = []
     for case, t in measured:
         T = case.tokens
-        row = {"E": case.n_expert, "T": T, "D": case.n_embd, "F": ModelConfig(n_embd=case.n_embd).ffn_hidden,
-               "dense tok/s": T / t["dense"], "MoE tok/s": T / t["moe"], "MoE / dense": t["dense"] / t["moe"]}
+        row = {
+            "E": case.n_expert,
+            "T": T,
+            "D": case.n_embd,
+            "F": ModelConfig(n_embd=case.n_embd).ffn_hidden,
+            "dense tok/s": T / t["dense"],
+            "MoE tok/s": T / t["moe"],
+            "MoE / dense": t["dense"] / t["moe"],
+        }
         if "loop" in t:
             row["loop / dense"] = t["dense"] / t["loop"]
         if "naive" in t:
@@ -250,9 +267,18 @@ def routing_rows(measured):
     """(c): routing alone (router + sort + gather + scatter) as a share of the MoE layer's time."""
     rows = []
     for case, t in measured:
-        rows.append({"E": case.n_expert, "T": case.tokens, "D": case.n_embd, "layer ms": 1e3 * t["moe"],
-                     "routing ms": 1e3 * t["routing"], "routing %": 100 * t["routing"] / t["moe"],
-                     "of which router ms": 1e3 * t["router"], "router %": 100 * t["router"] / t["moe"]})
+        rows.append(
+            {
+                "E": case.n_expert,
+                "T": case.tokens,
+                "D": case.n_embd,
+                "layer ms": 1e3 * t["moe"],
+                "routing ms": 1e3 * t["routing"],
+                "routing %": 100 * t["routing"] / t["moe"],
+                "of which router ms": 1e3 * t["router"],
+                "router %": 100 * t["router"] / t["moe"],
+            }
+        )
     return rows
 
 
@@ -278,7 +304,7 @@ def memory_rows(cases, device):
     weight gradients included: E/K times more for the MoE, it has that many more weights), and the
     activations saved for backward alone."""
     rows = []
-    mib = 2.0 ** 20
+    mib = 2.0**20
     for case in cases:
         fns, parts = layer_variants(case, ["moe", "dense"], device)
         peak, saved, grads = {}, {}, {}
@@ -290,13 +316,23 @@ def memory_rows(cases, device):
             parts["x"].grad = None
             peak[name] = peak_memory(fn, device)
             grads[name] = sum(p.grad.numel() * p.grad.element_size() for p in layer.parameters() if p.grad is not None)
-        rows.append({"E": case.n_expert, "T": case.tokens, "D": case.n_embd,
-                     "MoE peak MiB": peak["moe"] / mib, "dense peak MiB": peak["dense"] / mib,
-                     "peak MoE / dense": peak["moe"] / peak["dense"],
-                     "MoE saved MiB": saved["moe"] / mib, "dense saved MiB": saved["dense"] / mib,
-                     "saved MoE / dense": saved["moe"] / saved["dense"],
-                     "MoE weight grads MiB": grads["moe"] / mib, "dense weight grads MiB": grads["dense"] / mib})
+        rows.append(
+            {
+                "E": case.n_expert,
+                "T": case.tokens,
+                "D": case.n_embd,
+                "MoE peak MiB": peak["moe"] / mib,
+                "dense peak MiB": peak["dense"] / mib,
+                "peak MoE / dense": peak["moe"] / peak["dense"],
+                "MoE saved MiB": saved["moe"] / mib,
+                "dense saved MiB": saved["dense"] / mib,
+                "saved MoE / dense": saved["moe"] / saved["dense"],
+                "MoE weight grads MiB": grads["moe"] / mib,
+                "dense weight grads MiB": grads["dense"] / mib,
+            }
+        )
     return rows
+
 
 # -----------------------------------------------------------------------------
 # (e): against the peer, Hugging Face transformers' Mixtral MoE block, with identical weights
@@ -311,11 +347,13 @@ def peer_blocks(moe):
     moe must be built with gate_norm=False; it has no capacity, so moe must be dropless."""
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
     E, F_, D = moe.experts.w1.shape
     blocks = {}
     for impl in PEER_IMPLS:
-        cfg = MixtralConfig(hidden_size=D, intermediate_size=F_, num_local_experts=E,
-                            num_experts_per_tok=moe.router.top_k)
+        cfg = MixtralConfig(
+            hidden_size=D, intermediate_size=F_, num_local_experts=E, num_experts_per_tok=moe.router.top_k
+        )
         cfg._experts_implementation = impl
         block = MixtralSparseMoeBlock(cfg).to(moe.experts.w1.device)
         with torch.no_grad():
@@ -355,6 +393,7 @@ def peer_variants(case, device, seed=0):
             y = y[0] if isinstance(y, tuple) else y  # ours returns (y, router output)
             y.backward(grad)
             return y.detach(), x.grad
+
         return run
 
     fns = {name: step(layer) for name, layer in layers.items()}
@@ -364,8 +403,9 @@ def peer_variants(case, device, seed=0):
             for what, a, b in zip(("output", "input gradient"), fns[name](), (y_ref, g_ref)):
                 err = ((a - b).norm() / b.norm()).item()
                 if not err <= 1e-4:
-                    raise RuntimeError(f"{name} disagrees with ours at E={case.n_expert}: {what} relative "
-                                       f"error {err:.1e}")
+                    raise RuntimeError(
+                        f"{name} disagrees with ours at E={case.n_expert}: {what} relative error {err:.1e}"
+                    )
     return fns
 
 
@@ -451,15 +491,18 @@ def step_fn(model, optimizer, coeffs, tcfg, batches, autocast, compiled=False):
     def step():
         res = train.train_step(net, optimizer, batches, coeffs, tcfg, autocast, groups)
         train.update_balance_state(model, coeffs, res.stats, res.loads, tcfg)
+
     return step
 
 
 def matmul_fn(device):
     """A large matmul in the compute dtype (the measured-peak reference) and its FLOPs."""
     n = 4096 if device.type == "cuda" else 1024
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-            for _ in range(2))
-    return lambda: a @ b, 2 * n ** 3
+    a, b = (
+        torch.randn(n, n, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        for _ in range(2)
+    )
+    return lambda: a @ b, 2 * n**3
 
 
 def train_variants(argv, device, baseline=None, compile_model=False):
@@ -516,10 +559,25 @@ def train_rows(presets, repeats, device, baseline=None, compile_model=False, log
 # torch.cuda.get_device_name in this order (the first substring that occurs wins). MFU is quoted against
 # these, as papers do; the measured matmul rate beside it reads 1.3-1.6x higher on these GPUs.
 DATASHEET_BF16_TFLOPS = (
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("GH200", 989.4), ("H100", 989.4),
-    ("H200", 989.4), ("H800", 989.4), ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0), ("A800", 312.0),
-    ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
-    ("RTX 4090", 165.2), ("RTX 3090", 71.0), ("RTX A6000", 154.8),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H200 NVL", 835.0),
+    ("GH200", 989.4),
+    ("H100", 989.4),
+    ("H200", 989.4),
+    ("H800", 989.4),
+    ("B200", 2250.0),
+    ("B100", 1750.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.1),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+    ("RTX 4090", 165.2),
+    ("RTX 3090", 71.0),
+    ("RTX A6000", 154.8),
 )
 
 
@@ -534,8 +592,10 @@ def datasheet_peak_flops(device, name=None):
             return tflops * 1e12
     return None
 
+
 # -----------------------------------------------------------------------------
 # printing
+
 
 def format_cell(v):
     if isinstance(v, float):
@@ -574,34 +634,58 @@ def run_sections(args, device):
         says(f"measuring the MoE layer ({repeats} interleaved rounds after one warm-up) ...")
         measured = measure_layers(cases, names, repeats, device, log=says)
         if args.layer:
-            tables.append(("(a) MoE layer forward+backward vs its dense equivalent (SwiGLU, hidden K*F), top-2, "
-                           "dropless; ratios are throughput ratios (higher is better for the MoE)",
-                           layer_rows(measured)))
+            tables.append(
+                (
+                    "(a) MoE layer forward+backward vs its dense equivalent (SwiGLU, hidden K*F), top-2, "
+                    "dropless; ratios are throughput ratios (higher is better for the MoE)",
+                    layer_rows(measured),
+                )
+            )
         if args.routing:
-            tables.append(("(c) routing alone (router + sort + gather + scatter, fwd+bwd) as a share of the MoE "
-                           "layer's time", routing_rows(measured)))
+            tables.append(
+                (
+                    "(c) routing alone (router + sort + gather + scatter, fwd+bwd) as a share of the MoE layer's time",
+                    routing_rows(measured),
+                )
+            )
     if args.train:
         baseline = load_model_module_at(args.baseline_rev) if args.baseline_rev else None
         train_repeats = repeats if args.quick else 2 * repeats  # steps are short: more rounds, same time
-        says(f"measuring training steps ({train_repeats} interleaved rounds after "
-             f"{8 if args.compile else 2} warm-ups) ...")
+        says(
+            f"measuring training steps ({train_repeats} interleaved rounds after "
+            f"{8 if args.compile else 2} warm-ups) ..."
+        )
         rows = train_rows(TRAIN_PRESETS, train_repeats, device, baseline, args.compile, log=says)
         for r in rows:
             if r["code"] == "baseline":
                 r["code"] = f"baseline ({args.baseline_rev})"
-        tables.append(("(b) full training step (train.train_step + balance update), random tokens; MFU on active "
-                       "parameters against the datasheet bf16 peak (GPUs) and against the matmul rate measured in "
-                       "the same rounds", rows))
+        tables.append(
+            (
+                "(b) full training step (train.train_step + balance update), random tokens; MFU on active "
+                "parameters against the datasheet bf16 peak (GPUs) and against the matmul rate measured in "
+                "the same rounds",
+                rows,
+            )
+        )
     if args.memory:
         says("measuring memory ...")
-        tables.append(("(d) memory of one forward+backward: peak (activations and weight gradients), and the "
-                       "activations saved for backward alone", memory_rows(cases, device)))
+        tables.append(
+            (
+                "(d) memory of one forward+backward: peak (activations and weight gradients), and the "
+                "activations saved for backward alone",
+                memory_rows(cases, device),
+            )
+        )
     if args.peer:
         says(f"measuring against transformers' MixtralSparseMoeBlock ({repeats} interleaved rounds) ...")
-        tables.append(("(e) ours against transformers' MixtralSparseMoeBlock (eager and grouped_mm experts) with "
-                       "identical weights, and the dense equivalent: forward+backward, dropless, no gate "
-                       "normalization; ratios are throughput ratios (> 1: ours is faster)",
-                       peer_rows(peer_cases(args.quick), repeats, device, log=says)))
+        tables.append(
+            (
+                "(e) ours against transformers' MixtralSparseMoeBlock (eager and grouped_mm experts) with "
+                "identical weights, and the dense equivalent: forward+backward, dropless, no gate "
+                "normalization; ratios are throughput ratios (> 1: ours is faster)",
+                peer_rows(peer_cases(args.quick), repeats, device, log=says),
+            )
+        )
     return tables
 
 
@@ -613,26 +697,29 @@ def print_tables(tables):
 # -----------------------------------------------------------------------------
 # expert parallelism: dispatch + combine overhead under gloo
 
+
 @dataclass
 class EPBenchConfig:
-    tokens: int = 4096            # tokens per rank (one routing group)
+    tokens: int = 4096  # tokens per rank (one routing group)
     n_embd: int = 256
     expert_hidden: int = 512
     n_expert: int = 8
     top_k: int = 2
     capacity_factor: float = 1.25
-    iters: int = 10               # timed iterations per variant (after warmup)
+    iters: int = 10  # timed iterations per variant (after warmup)
     warmup: int = 3
     world: int = 2
 
 
-
 # where dispatch + combine spend their time: expert_parallel.py's record_function labels (forward) and
 # the autograd nodes of its exchange and permutation (backward), as the profiler names them
-EP_PHASES = {"count exchange": ("ep.counts",), "split sizes (host sync)": ("ep.split_sizes",),
-             "token exchange, forward": ("ep.tokens",),
-             "token exchange, backward": ("autograd::engine::evaluate_function: AllToAllBackward",),
-             "permutation, fwd+bwd": ("ep.permute", "autograd::engine::evaluate_function: _PermuteRowsBackward")}
+EP_PHASES = {
+    "count exchange": ("ep.counts",),
+    "split sizes (host sync)": ("ep.split_sizes",),
+    "token exchange, forward": ("ep.tokens",),
+    "token exchange, backward": ("autograd::engine::evaluate_function: AllToAllBackward",),
+    "permutation, fwd+bwd": ("ep.permute", "autograd::engine::evaluate_function: _PermuteRowsBackward"),
+}
 
 
 def ep_phase_seconds(fn, iters):
@@ -647,13 +734,24 @@ def ep_phase_seconds(fn, iters):
 
 def _ep_bench_rank(rank, cfg, port, queue):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cfg.world,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=cfg.world,
+        timeout=datetime.timedelta(seconds=120),
+    )
     try:
         groups = ep.build_groups(cfg.world)
         torch.manual_seed(0)
-        mcfg = ModelConfig(n_embd=cfg.n_embd, n_head=4, expert_hidden=cfg.expert_hidden, n_expert=cfg.n_expert,
-                           top_k=cfg.top_k, capacity_factor=cfg.capacity_factor)
+        mcfg = ModelConfig(
+            n_embd=cfg.n_embd,
+            n_head=4,
+            expert_hidden=cfg.expert_hidden,
+            n_expert=cfg.n_expert,
+            top_k=cfg.top_k,
+            capacity_factor=cfg.capacity_factor,
+        )
         local = MoE(mcfg)
         for p in local.parameters():
             torch.nn.init.normal_(p, std=0.02)
@@ -684,8 +782,11 @@ def _ep_bench_rank(rank, cfg, port, queue):
         with torch.no_grad():  # the slots this rank routes, as MoE.forward gathers them
             r = local.router(x.view(-1, cfg.n_embd))
             x_ND = x.view(-1, cfg.n_embd)[r.slots_N % cfg.tokens]
-        variants = {"local": lambda: layer_fwd_bwd(local), "ep": lambda: layer_fwd_bwd(sharded),
-                    "exchange": lambda: exchange_fwd_bwd(x_ND, r.counts_E)}
+        variants = {
+            "local": lambda: layer_fwd_bwd(local),
+            "ep": lambda: layer_fwd_bwd(sharded),
+            "exchange": lambda: exchange_fwd_bwd(x_ND, r.counts_E),
+        }
         times, received = {k: [] for k in variants}, 0
         for i in range(cfg.warmup + cfg.iters):
             for name, fn in variants.items():  # interleaved: machine load hits every variant alike
@@ -720,37 +821,51 @@ def bench_ep(cfg: EPBenchConfig):
             if p.is_alive():
                 p.kill()
     slowest = {k: max(r[1][k] for r in results) for k in results[0][1]}
-    return {"local_s": slowest["local"], "ep_s": slowest["ep"], "exchange_s": slowest["exchange"],
-            # a collective's last arrival waits for nobody: the smaller of the ranks' times is about
-            # the exchange itself, the larger one adds waiting for the slower rank
-            "phases_min_s": {k: min(r[5][k] for r in results) for k in EP_PHASES},
-            "phases_max_s": {k: max(r[5][k] for r in results) for k in EP_PHASES},
-            "kept_slots_per_rank": [r[2] for r in sorted(results)],
-            "slots_sent_to_other_ranks": [r[3] for r in sorted(results)],
-            "rows_for_local_experts_ep": [r[4] for r in sorted(results)]}
+    return {
+        "local_s": slowest["local"],
+        "ep_s": slowest["ep"],
+        "exchange_s": slowest["exchange"],
+        # a collective's last arrival waits for nobody: the smaller of the ranks' times is about
+        # the exchange itself, the larger one adds waiting for the slower rank
+        "phases_min_s": {k: min(r[5][k] for r in results) for k in EP_PHASES},
+        "phases_max_s": {k: max(r[5][k] for r in results) for k in EP_PHASES},
+        "kept_slots_per_rank": [r[2] for r in sorted(results)],
+        "slots_sent_to_other_ranks": [r[3] for r in sorted(results)],
+        "rows_for_local_experts_ep": [r[4] for r in sorted(results)],
+    }
 
 
 def print_ep(cfg, res):
     sent = max(res["slots_sent_to_other_ranks"])
     mib = 4 * sent * cfg.n_embd * 4 / 2**20  # 4 exchanges of float32 rows: dispatch, combine, and their backward
-    print(f"MoE layer fwd+bwd on {cfg.world} gloo processes x 1 CPU thread, float32: {cfg.tokens} tokens per rank, "
-          f"D={cfg.n_embd}, F={cfg.expert_hidden}, E={cfg.n_expert}, top-{cfg.top_k}, capacity factor "
-          f"{cfg.capacity_factor}; median of {cfg.iters}, slowest rank")
+    print(
+        f"MoE layer fwd+bwd on {cfg.world} gloo processes x 1 CPU thread, float32: {cfg.tokens} tokens per rank, "
+        f"D={cfg.n_embd}, F={cfg.expert_hidden}, E={cfg.n_expert}, top-{cfg.top_k}, capacity factor "
+        f"{cfg.capacity_factor}; median of {cfg.iters}, slowest rank"
+    )
     print(f"  {'layer, all experts local (no communication)':<46}: {1e3 * res['local_s']:8.1f} ms")
     print(f"  {f'layer, experts sharded (ep_size={cfg.world})':<46}: {1e3 * res['ep_s']:8.1f} ms")
-    print(f"  {'dispatch + combine alone (fwd+bwd)':<46}: {1e3 * res['exchange_s']:8.1f} ms "
-          f"= {100 * res['exchange_s'] / res['ep_s']:.0f} % of the sharded layer "
-          f"({100 * res['exchange_s'] / res['local_s']:.0f} % of the local one)")
+    print(
+        f"  {'dispatch + combine alone (fwd+bwd)':<46}: {1e3 * res['exchange_s']:8.1f} ms "
+        f"= {100 * res['exchange_s'] / res['ep_s']:.0f} % of the sharded layer "
+        f"({100 * res['exchange_s'] / res['local_s']:.0f} % of the local one)"
+    )
     low, high = res["phases_min_s"], res["phases_max_s"]
-    print(f"  inside the sharded layer (profiled): dispatch + combine {1e3 * sum(low.values()):.1f} ms on the rank "
-          f"that waits least ({100 * sum(low.values()) / res['ep_s']:.0f} %), {1e3 * sum(high.values()):.1f} ms on "
-          f"the one that waits most ({100 * sum(high.values()) / res['ep_s']:.0f} %: waiting for the slower rank)")
+    print(
+        f"  inside the sharded layer (profiled): dispatch + combine {1e3 * sum(low.values()):.1f} ms on the rank "
+        f"that waits least ({100 * sum(low.values()) / res['ep_s']:.0f} %), {1e3 * sum(high.values()):.1f} ms on "
+        f"the one that waits most ({100 * sum(high.values()) / res['ep_s']:.0f} %: waiting for the slower rank)"
+    )
     for phase in EP_PHASES:
         print(f"    {phase:<44}: {1e3 * low[phase]:8.2f} - {1e3 * high[phase]:8.2f} ms")
-    print(f"  rows sent to other ranks: {sent} of {max(res['kept_slots_per_rank'])} kept slots, "
-          f"{mib:.1f} MiB per rank per fwd+bwd")
-    print(f"  rows each rank's experts process: {res['kept_slots_per_rank']} local, "
-          f"{res['rows_for_local_experts_ep']} sharded (the busier rank sets the pace)")
+    print(
+        f"  rows sent to other ranks: {sent} of {max(res['kept_slots_per_rank'])} kept slots, "
+        f"{mib:.1f} MiB per rank per fwd+bwd"
+    )
+    print(
+        f"  rows each rank's experts process: {res['kept_slots_per_rank']} local, "
+        f"{res['rows_for_local_experts_ep']} sharded (the busier rank sets the pace)"
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -780,8 +895,10 @@ def expert_precision_rows(device, E, D, F_, tokens, seed=0):
     x = torch.randn(tokens, D, device=device)
     grad = torch.randn(tokens, D, device=device)
     out = {}
-    for name, ex, autocast in (("fp32 loop", ref, torch.autocast(device.type, enabled=False)),
-                               ("bf16", fast, torch.autocast(device.type, dtype=torch.bfloat16))):
+    for name, ex, autocast in (
+        ("fp32 loop", ref, torch.autocast(device.type, enabled=False)),
+        ("bf16", fast, torch.autocast(device.type, dtype=torch.bfloat16)),
+    ):
         xi = x.clone().requires_grad_()
         with autocast:
             y = ex(xi, counts_E)
@@ -790,16 +907,31 @@ def expert_precision_rows(device, E, D, F_, tokens, seed=0):
     with torch.autocast(device.type, dtype=torch.bfloat16):
         impl = "grouped_mm" if grouped_mm_dtype(x, fast.w1) else "loop"
     errors = [rel_error(a, b) for a, b in zip(out["bf16"], out["fp32 loop"])]
-    return [{"check": f"bf16 experts ({impl}) vs fp32 loop", "E": E, "D": D, "F": F_, "rows": tokens,
-             "max rel. error": max(errors), "tolerance": GPU_CHECK_TOL, "ok": max(errors) <= GPU_CHECK_TOL}]
+    return [
+        {
+            "check": f"bf16 experts ({impl}) vs fp32 loop",
+            "E": E,
+            "D": D,
+            "F": F_,
+            "rows": tokens,
+            "max rel. error": max(errors),
+            "tolerance": GPU_CHECK_TOL,
+            "ok": max(errors) <= GPU_CHECK_TOL,
+        }
+    ]
 
 
 def gpu_check_argv(dry):
     """train.py settings of the full-scale gate-normalization model (experiments/gate_norm.py) on one
     GPU (ep_size=1), one micro-batch per step; dry: its smoke scale, the same code path in seconds."""
     from experiments import gate_norm
-    keys = {**gate_norm.job_keys("smoke" if dry else "full"), "ep_size": 1, "grad_accum": 1,
-            "vocab_size": 65 if dry else padded_vocab_size(50257)}
+
+    keys = {
+        **gate_norm.job_keys("smoke" if dry else "full"),
+        "ep_size": 1,
+        "grad_accum": 1,
+        "vocab_size": 65 if dry else padded_vocab_size(50257),
+    }
     if not dry:
         keys["batch_size"] = 16  # 16 x 1024 tokens per step
     known = {f.name for cls in (ModelConfig, train.TrainConfig) for f in fields(cls)}
@@ -832,9 +964,15 @@ def training_rows(device, steps, warmup, dry, compile_modes=(False, True), log=p
         synchronize(device)
         seconds = (time.perf_counter() - t0) / steps
         flops = tokens / seconds * model.flops_per_token()
-        row = {"check": f"train_step, compile {'on' if compiled else 'off'}", "params": counts["total"],
-               "active": counts["active"], "tokens/step": tokens, "warm-up s": t0 - t_warm,
-               "step ms": 1e3 * seconds, "tok/s": tokens / seconds}
+        row = {
+            "check": f"train_step, compile {'on' if compiled else 'off'}",
+            "params": counts["total"],
+            "active": counts["active"],
+            "tokens/step": tokens,
+            "warm-up s": t0 - t_warm,
+            "step ms": 1e3 * seconds,
+            "tok/s": tokens / seconds,
+        }
         if datasheet:
             row["MFU %"] = 100 * flops / datasheet
         row["MFU vs matmul %"] = 100 * flops / peak_measured
@@ -857,24 +995,33 @@ def gpu_check(device, steps=None, compile_modes=(False, True), log=print):
 # -----------------------------------------------------------------------------
 # command line
 
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--layer", action="store_true", help="(a) MoE layer vs dense equivalent and naive reference")
     parser.add_argument("--train", action="store_true", help="(b) training step tokens/s and MFU")
     parser.add_argument("--routing", action="store_true", help="(c) routing overhead share of the layer")
     parser.add_argument("--memory", action="store_true", help="(d) peak memory, MoE layer vs dense")
     parser.add_argument("--quick", action="store_true", help="small sizes: (a)-(d) in under a minute")
-    parser.add_argument("--repeats", type=int, default=0,
-                        help="timed rounds per case (default 5, quick 3; (b) twice that)")
+    parser.add_argument(
+        "--repeats", type=int, default=0, help="timed rounds per case (default 5, quick 3; (b) twice that)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
-    parser.add_argument("--baseline-rev", default=None,
-                        help="(b): also time model.py and router.py of this git revision, in the same rounds")
+    parser.add_argument(
+        "--baseline-rev",
+        default=None,
+        help="(b): also time model.py and router.py of this git revision, in the same rounds",
+    )
     parser.add_argument("--compile", action="store_true", help="(b): also time the torch.compile'd model")
     parser.add_argument("--peer", action="store_true", help="(e) against transformers' Mixtral MoE block")
-    parser.add_argument("--gpu", action="store_true",
-                        help="the GPU check: bf16 experts vs fp32 loop, training tok/s, MFU, memory (CPU: a dry run)")
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="the GPU check: bf16 experts vs fp32 loop, training tok/s, MFU, memory (CPU: a dry run)",
+    )
     parser.add_argument("--gpu_steps", type=int, default=0, help="--gpu: timed training steps (default 200)")
     parser.add_argument("--ep", action="store_true", help="expert-parallel dispatch + combine overhead (gloo)")
     defaults = asdict(EPBenchConfig())
@@ -894,19 +1041,24 @@ def main(argv=None):
     device = torch.device("cuda" if auto_cuda else args.device.replace("auto", "cpu"))
     what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     precision = "bfloat16 autocast" if device.type == "cuda" else "float32"
-    header = (f"bench.py: torch {torch.__version__}, {what}, {precision}; "
-              f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; "
-              f"load average {os.getloadavg()[0]:.1f} at start")
+    header = (
+        f"bench.py: torch {torch.__version__}, {what}, {precision}; "
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; "
+        f"load average {os.getloadavg()[0]:.1f} at start"
+    )
     if sections or args.gpu:
         print(header, flush=True)
         t0 = time.time()
         tables = run_sections(args, device) if sections else []
         if args.gpu:
-            precision, training = gpu_check(device, args.gpu_steps or None,
-                                            log=lambda *a: print(*a, file=sys.stderr, flush=True))
+            precision, training = gpu_check(
+                device, args.gpu_steps or None, log=lambda *a: print(*a, file=sys.stderr, flush=True)
+            )
             dry = " (a CPU dry run: no GPU here, the numbers mean nothing)" if device.type != "cuda" else ""
-            tables += [(f"GPU check: expert precision{dry}", precision),
-                       (f"GPU check: training the full-scale gate-norm model, ep_size=1{dry}", training)]
+            tables += [
+                (f"GPU check: expert precision{dry}", precision),
+                (f"GPU check: training the full-scale gate-norm model, ep_size=1{dry}", training),
+            ]
         print_tables(tables)
         print(f"\n({time.time() - t0:.0f} s; load average {os.getloadavg()[0]:.1f} at the end)", flush=True)
         if args.gpu and not all(r["ok"] for r in tables[-2][1]):

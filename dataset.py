@@ -52,7 +52,10 @@ def ensure_data(tcfg):
         spec = importlib.util.spec_from_file_location("prepare_char", prepare_py)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        mod.prepare(out_dir=root)
+        try:
+            mod.prepare(out_dir=root)
+        except mod.PrepareError as e:  # offline, no copy of the text: the command that works
+            raise DataError(str(e)) from None
         return
     missing = " and ".join(p for p in bins if not os.path.exists(p))
     raise DataError(f"{missing} not found: {prepare_advice(tcfg)}")

@@ -26,6 +26,7 @@ Shape legend: N kept slots this rank routed, M slots this rank's experts receive
 E experts of a layer, R = ep_size ranks of the expert-parallel group, El = E / R experts per rank.
 Split sizes are Python lists of length R (`send_splits`, `recv_splits`): rows per peer rank.
 """
+
 import contextlib
 import datetime
 import os
@@ -53,16 +54,17 @@ from model import Experts, MoE
 #     experts held  0-3  4-7  0-3  4-7     (E = 8: rank 0 and rank 2 hold the same experts 0-3)
 #     EDP group     [0 2] and [1 3]        ranks holding the same experts: reduce their gradients
 
+
 @dataclass
 class ParallelGroups:
     rank: int
     world_size: int
     ep_size: int
-    ep_rank: int                      # position inside the EP group: which expert slice this rank owns
-    ep_group: dist.ProcessGroup       # the ep_size ranks that exchange tokens
-    edp_group: dist.ProcessGroup      # the world_size / ep_size ranks holding the same experts
-    store: dist.Store | None = None   # the rendezvous key-value store: where a failing rank leaves its
-                                      # error for the others (section 7); None: not kept
+    ep_rank: int  # position inside the EP group: which expert slice this rank owns
+    ep_group: dist.ProcessGroup  # the ep_size ranks that exchange tokens
+    edp_group: dist.ProcessGroup  # the world_size / ep_size ranks holding the same experts
+    store: dist.Store | None = None  # the rendezvous key-value store: where a failing rank leaves its
+    # error for the others (section 7); None: not kept
 
     @classmethod
     def local(cls):
@@ -87,15 +89,19 @@ def validate_layout(ep_size, world_size, n_expert=None):
     if ep_size < 1:
         raise ValueError(f"ep_size={ep_size} must be >= 1 (1 = no expert parallelism)")
     if world_size % ep_size:
-        raise ValueError(f"world size {world_size} is not divisible by ep_size={ep_size}: ranks form "
-                         f"data-parallel x expert-parallel groups, so launch a multiple of {ep_size} "
-                         f"processes or pick an ep_size that divides {world_size}")
+        raise ValueError(
+            f"world size {world_size} is not divisible by ep_size={ep_size}: ranks form "
+            f"data-parallel x expert-parallel groups, so launch a multiple of {ep_size} "
+            f"processes or pick an ep_size that divides {world_size}"
+        )
     if n_expert is not None and ep_size > 1 and n_expert == 0:
         raise ValueError(f"ep_size={ep_size} shards experts, but the model is dense (n_expert=0): set ep_size=1")
     if n_expert is not None and ep_size > 1 and n_expert % ep_size:
-        raise ValueError(f"n_expert={n_expert} is not divisible by ep_size={ep_size}: every rank of an "
-                         f"expert-parallel group holds n_expert / ep_size experts; pick an ep_size "
-                         f"that divides {n_expert}")
+        raise ValueError(
+            f"n_expert={n_expert} is not divisible by ep_size={ep_size}: every rank of an "
+            f"expert-parallel group holds n_expert / ep_size experts; pick an ep_size "
+            f"that divides {n_expert}"
+        )
 
 
 def build_groups(ep_size, store=None, timeout=None):
@@ -138,6 +144,7 @@ def resolve_backend(backend, device_type):
 # lists. Every rank of the group must run the backward exchange too, or its peers wait forever: see
 # ParallelExperts.forward for the case where that would not happen by itself.
 
+
 class AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, out_splits, in_splits, group):
@@ -155,6 +162,7 @@ class AllToAll(torch.autograd.Function):
 
 def all_to_all(x, out_splits, in_splits, group):
     return AllToAll.apply(x, out_splits, in_splits, group)
+
 
 # -----------------------------------------------------------------------------
 # 3. dispatch and combine
@@ -178,14 +186,15 @@ def all_to_all(x, out_splits, in_splits, group):
 # counts for Experts.forward_loop (so the loop adds none). The phases carry record_function labels
 # ("ep.counts", ...) that bench.py --ep and GPU profiler traces read.
 
+
 @dataclass
 class DispatchPlan:
-    send_splits: list           # rows this rank sent to each EP rank (and gets back in combine)
-    recv_splits: list           # rows this rank received from each EP rank
-    order_M: torch.Tensor       # (expert, source) position -> row of the received (source, expert) order
-    dest_M: torch.Tensor        # the inverse: received row -> its (expert, source) position
-    counts_El: torch.Tensor     # rows per local expert, for Experts.forward
-    counts_El_host: list        # the same on the host (Experts.forward_loop needs no sync of its own)
+    send_splits: list  # rows this rank sent to each EP rank (and gets back in combine)
+    recv_splits: list  # rows this rank received from each EP rank
+    order_M: torch.Tensor  # (expert, source) position -> row of the received (source, expert) order
+    dest_M: torch.Tensor  # the inverse: received row -> its (expert, source) position
+    counts_El: torch.Tensor  # rows per local expert, for Experts.forward
+    counts_El_host: list  # the same on the host (Experts.forward_loop needs no sync of its own)
     group: dist.ProcessGroup
 
 
@@ -215,7 +224,8 @@ def block_transpose_index(counts_RE, total):
     shift_CR = start_RE.t().reshape(-1) - (counts_CR.cumsum(0) - counts_CR)
     # output_size: the total is known on the host, so repeat_interleave does not sync to learn it
     return torch.repeat_interleave(shift_CR, counts_CR, output_size=total) + torch.arange(
-        total, device=counts_RE.device)
+        total, device=counts_RE.device
+    )
 
 
 def dispatch(x_ND, counts_E, group):
@@ -230,7 +240,7 @@ def dispatch(x_ND, counts_E, group):
         # uneven sizes; routing's kept count, with capacity, is the layer's other one); the per-expert
         # counts of the received rows come along in the same copy
         host = torch.cat([counts_E.view(R, El).sum(1), recv_counts_RE.reshape(-1)]).tolist()
-        send_splits, recv_host_RE = host[:R], [host[R + s * El:R + (s + 1) * El] for s in range(R)]
+        send_splits, recv_host_RE = host[:R], [host[R + s * El : R + (s + 1) * El] for s in range(R)]
         recv_splits = [sum(row) for row in recv_host_RE]
         counts_El_host = [sum(row[e] for row in recv_host_RE) for e in range(El)]
     with record_function("ep.tokens"):  # (b) tokens
@@ -239,8 +249,7 @@ def dispatch(x_ND, counts_E, group):
         M = sum(recv_splits)
         order_M, dest_M = block_transpose_index(recv_counts_RE, M), block_transpose_index(recv_counts_RE.t(), M)
         x_MD = _PermuteRows.apply(x_MD, order_M, dest_M)
-    return x_MD, DispatchPlan(send_splits, recv_splits, order_M, dest_M, recv_counts_RE.sum(0), counts_El_host,
-                              group)
+    return x_MD, DispatchPlan(send_splits, recv_splits, order_M, dest_M, recv_counts_RE.sum(0), counts_El_host, group)
 
 
 def combine(y_MD, plan):
@@ -250,8 +259,10 @@ def combine(y_MD, plan):
     with record_function("ep.tokens"):
         return all_to_all(y_MD, plan.send_splits, plan.recv_splits, plan.group)
 
+
 # -----------------------------------------------------------------------------
 # 4. the experts of one rank
+
 
 class ParallelExperts(Experts):
     """The E / ep_size experts this rank owns, behind the same (x_ND, counts_E) -> y_ND call as
@@ -310,6 +321,7 @@ def sharded_parameters(model):
     """The parameters that differ between the ranks of an EP group: the local expert weights."""
     return [p for m in model.modules() if isinstance(m, ParallelExperts) for p in m.parameters(recurse=False)]
 
+
 # -----------------------------------------------------------------------------
 # 5. the gradient rule
 #
@@ -331,6 +343,7 @@ def sharded_parameters(model):
 # tensor_parallel.sync_gradients applies this rule (and its tensor-parallel generalisation, where the
 # divisor is the number of data-parallel replicas) with the bucketed all-reduce below; grad_norm there
 # counts each expert once by summing the squared norms of the shards over the EP group.
+
 
 def _all_reduce_scaled_(grads, group, scale, bucket_numel=1 << 24):
     """grads <- scale * SUM over group, coalesced into flat buckets (one collective per bucket)."""
@@ -378,6 +391,7 @@ def reduce_step_statistics(ces, stats, loads, cv):
 # sliced by shard_optimizer_state. The gathers are collectives: call these on every rank, in the same
 # order.
 
+
 def _gather_rows_to_main(t, groups):
     """The full (E, ...) tensor on rank 0 from the shards of EP group 0; None on every other rank (the
     ranks outside EP group 0 take no part)."""
@@ -415,8 +429,9 @@ def _map_expert_moments(state, optimizer, model, fn):
     per_param = dict(state["state"])
     for i, p in enumerate(_optimizer_params(optimizer)):
         if id(p) in shard_ids and i in per_param:
-            per_param[i] = {k: fn(v, p) if torch.is_tensor(v) and v.dim() == p.dim() else v
-                            for k, v in per_param[i].items()}
+            per_param[i] = {
+                k: fn(v, p) if torch.is_tensor(v) and v.dim() == p.dim() else v for k, v in per_param[i].items()
+            }
     return {**state, "state": per_param}
 
 
@@ -439,7 +454,9 @@ def shard_optimizer_state(state, optimizer, model, groups):
     def shard(v, p):
         lo, hi = groups.expert_range(p.shape[0] * groups.ep_size)
         return v[lo:hi].clone()
+
     return _map_expert_moments(state, optimizer, model, shard)
+
 
 # -----------------------------------------------------------------------------
 # 7. starting, and failing on every rank
@@ -449,6 +466,7 @@ def shard_optimizer_state(state, optimizer, model, groups):
 # file missing on one node is not: that rank would exit while its peers wait in the next collective
 # until the timeout, with the error only in one rank's log. on_every_rank exchanges the error first, so
 # every rank stops with the same message.
+
 
 class RankFailure(Exception):
     """The same one-line failure on every rank: one rank's error, or a peer that died or hangs."""

@@ -34,6 +34,7 @@ our logits against transformers' on the exported files).
 
 Failures raise ExportError with a one-line message; main() prints it and exits 1.
 """
+
 import argparse
 import dataclasses
 import json
@@ -43,11 +44,13 @@ import sys
 
 import torch
 
+import upcycle
 from model import GPT, ModelConfig
 
 
 class ExportError(ValueError):
     pass
+
 
 # -----------------------------------------------------------------------------
 # what can leave, and as what
@@ -64,19 +67,26 @@ def exportable(cfg, state):
         raise ExportError(
             f"gate_norm=true (eq. 6, lambda={cfg.gate_lambda}) has no Mixtral equivalent: it standardises each "
             "token's gate logits by that token's own mean and std, which no gate weight matrix can express, "
-            "and Mixtral's router is softmax(W x) alone. Only models trained with gate_norm=false export as Mixtral")
+            "and Mixtral's router is softmax(W x) alone. Only models trained with gate_norm=false export as Mixtral"
+        )
     if cfg.moe_every != 1:
-        raise ExportError(f"moe_every={cfg.moe_every}: Mixtral has an MoE block in every layer, this model has "
-                          f"dense FFNs in layers {[i for i in range(cfg.n_layer) if not cfg.is_moe_layer(i)]}")
+        raise ExportError(
+            f"moe_every={cfg.moe_every}: Mixtral has an MoE block in every layer, this model has "
+            f"dense FFNs in layers {[i for i in range(cfg.n_layer) if not cfg.is_moe_layer(i)]}"
+        )
     biased = [k for k, v in state.items() if k.endswith("selection_bias_E") and v.abs().max() > 0]
     if cfg.aux_free_bias and biased:
-        raise ExportError(f"aux_free_bias: the selection bias of {biased[0]} is nonzero, and Mixtral selects "
-                          "experts by the gate probabilities alone")
+        raise ExportError(
+            f"aux_free_bias: the selection bias of {biased[0]} is nonzero, and Mixtral selects "
+            "experts by the gate probabilities alone"
+        )
     notes = []
     if cfg.capacity_factor:
-        notes.append(f"capacity_factor={cfg.capacity_factor}: this model drops (token, expert) slots over "
-                     "capacity; Mixtral routes every token (dropless), so the export computes this model at "
-                     "capacity_factor=0 and its logits differ where a slot would have been dropped")
+        notes.append(
+            f"capacity_factor={cfg.capacity_factor}: this model drops (token, expert) slots over "
+            "capacity; Mixtral routes every token (dropless), so the export computes this model at "
+            "capacity_factor=0 and its logits differ where a slot would have been dropped"
+        )
     return "MixtralForCausalLM", notes
 
 
@@ -111,9 +121,15 @@ def hf_config(cfg, architecture, dtype):
     if architecture == "LlamaForCausalLM":
         hf["mlp_bias"] = False
     else:
-        hf.update(num_local_experts=cfg.n_expert, num_experts_per_tok=cfg.top_k, sliding_window=None,
-                  router_jitter_noise=0.0, output_router_logits=False)
+        hf.update(
+            num_local_experts=cfg.n_expert,
+            num_experts_per_tok=cfg.top_k,
+            sliding_window=None,
+            router_jitter_noise=0.0,
+            output_router_logits=False,
+        )
     return hf
+
 
 # -----------------------------------------------------------------------------
 # tensor names: ours <-> the published layouts
@@ -125,12 +141,15 @@ LLAMA_LAYER = {  # our per-block name -> the Hugging Face name under model.layer
     "attn.wk.weight": "self_attn.k_proj.weight",
     "attn.wv.weight": "self_attn.v_proj.weight",
     "attn.wo.weight": "self_attn.o_proj.weight",
-    "ffn.w1.weight": "mlp.gate_proj.weight",   # the silu branch
+    "ffn.w1.weight": "mlp.gate_proj.weight",  # the silu branch
     "ffn.w3.weight": "mlp.up_proj.weight",
     "ffn.w2.weight": "mlp.down_proj.weight",
 }
-TOP = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-       "lm_head.weight": "lm_head.weight"}
+TOP = {
+    "tok_emb.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
 
 
 def hf_state(state, cfg, dtype):
@@ -155,15 +174,17 @@ def hf_state(state, cfg, dtype):
             out[prefix + LLAMA_LAYER[rest]] = t
         elif rest == "ffn.router.weight":
             out[prefix + "block_sparse_moe.gate.weight"] = t
-        elif (e := re.fullmatch(r"ffn\.experts\.(w[123])", rest)):
+        elif e := re.fullmatch(r"ffn\.experts\.(w[123])", rest):
             for j, w in enumerate(t.unbind(0)):
                 out[f"{prefix}block_sparse_moe.experts.{j}.{e.group(1)}.weight"] = w
         else:
             raise ExportError(f"tensor {name} has no place in a Llama / Mixtral checkpoint")
     return {k: v.detach().to(dtype).contiguous() for k, v in out.items()}
 
+
 # -----------------------------------------------------------------------------
 # export
+
 
 @dataclasses.dataclass
 class Exported:
@@ -177,6 +198,7 @@ def export_state(state, cfg, out_dir, dtype=torch.float32, overwrite=False):
     """Write out_dir/config.json and out_dir/model.safetensors for a model (our state dict and its
     ModelConfig). Each file is written under a temp name and renamed; on a failure none is left."""
     from safetensors.torch import save_file  # only this path needs it
+
     architecture, notes = exportable(cfg, state)
     tensors = hf_state(state, cfg, dtype)
     paths = {n: os.path.join(out_dir, n) for n in ("config.json", "model.safetensors")}
@@ -203,6 +225,7 @@ def load_model_state(source):
     """(state dict, ModelConfig) of a checkpoint file of this project, or of a run directory's ckpt.pt,
     through the project's own loader (format, checksum and shapes checked)."""
     from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+
     path = os.path.join(source, "ckpt.pt") if os.path.isdir(source) else source
     try:
         model = model_from_checkpoint(load_checkpoint(path), "cpu", path)
@@ -215,6 +238,7 @@ def export_checkpoint(source, out_dir, dtype=torch.float32, overwrite=False):
     state, cfg = load_model_state(source)
     return export_state(state, cfg, out_dir, dtype, overwrite)
 
+
 # -----------------------------------------------------------------------------
 # import back (the round trip; also any Mixtral-format checkpoint of plain Mixtral shape)
 
@@ -223,20 +247,16 @@ MIXTRAL_GATE = r"model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight"
 
 
 def read_hf_config(path):
-    cfg_path = os.path.join(path, "config.json")
     try:
-        with open(cfg_path) as f:
-            hf = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ExportError(f"{cfg_path} is not a readable JSON file ({e})") from None
-    if not isinstance(hf, dict):
-        raise ExportError(f"{cfg_path} does not hold a JSON object")
-    return hf
+        return upcycle.read_hf_config(path)
+    except upcycle.UpcycleError as err:
+        raise ExportError(str(err)) from None
 
 
 def mixtral_config(path, hf, block_size=None):
     """A Mixtral config.json -> our ModelConfig: dropless, no gate normalization, Mixtral's routing.
     Variants model.py does not implement are refused, never approximated."""
+
     def refuse(why):
         raise ExportError(f"{path}: unsupported Mixtral variant: {why}")
 
@@ -254,15 +274,25 @@ def mixtral_config(path, hf, block_size=None):
             refuse(f"sliding_window={hf['sliding_window']} < the context length {length}")
         n_kv = int(hf.get("num_key_value_heads") or n_head)
         return ModelConfig(
-            vocab_size=int(hf["vocab_size"]), block_size=length, n_layer=int(hf["num_hidden_layers"]),
-            n_head=n_head, n_kv_head=0 if n_kv == n_head else n_kv, n_embd=n_embd,
-            ffn_hidden=int(hf["intermediate_size"]), norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            vocab_size=int(hf["vocab_size"]),
+            block_size=length,
+            n_layer=int(hf["num_hidden_layers"]),
+            n_head=n_head,
+            n_kv_head=0 if n_kv == n_head else n_kv,
+            n_embd=n_embd,
+            ffn_hidden=int(hf["intermediate_size"]),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
             rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 1e6))),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             init_std=float(hf.get("initializer_range", 0.02)),
-            n_expert=int(hf["num_local_experts"]), top_k=int(hf["num_experts_per_tok"]),
-            expert_hidden=int(hf["intermediate_size"]), moe_every=1, capacity_factor=0.0, gate_norm=False,
-            aux_free_bias=False)
+            n_expert=int(hf["num_local_experts"]),
+            top_k=int(hf["num_experts_per_tok"]),
+            expert_hidden=int(hf["intermediate_size"]),
+            moe_every=1,
+            capacity_factor=0.0,
+            gate_norm=False,
+            aux_free_bias=False,
+        )
     except ExportError:
         raise
     except KeyError as e:
@@ -291,6 +321,7 @@ def load_mixtral(path, block_size=None):
     from safetensors import safe_open
 
     from checkpoint import shapes_of, state_mismatches
+
     cfg = mixtral_config(path, read_hf_config(path), block_size)
     shards = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not shards:
@@ -303,9 +334,9 @@ def load_mixtral(path, block_size=None):
         except Exception as e:  # truncated header, bad JSON: safetensors raises its own types
             raise ExportError(f"{shard} is not a readable safetensors file ({type(e).__name__}: {e})") from None
         for name, t in tensors.items():
-            if (m := re.fullmatch(MIXTRAL_EXPERT, name)):
+            if m := re.fullmatch(MIXTRAL_EXPERT, name):
                 experts[int(m.group(1)), m.group(3), int(m.group(2))] = t
-            elif (m := re.fullmatch(MIXTRAL_GATE, name)):
+            elif m := re.fullmatch(MIXTRAL_GATE, name):
                 state[f"blocks.{m.group(1)}.ffn.router.weight"] = t
             else:
                 state[our_name(name)] = t
@@ -324,8 +355,10 @@ def load_mixtral(path, block_size=None):
         want = shapes_of(GPT(cfg).state_dict())
     missing, unexpected, wrong = state_mismatches(want, shapes_of(state))
     if missing or unexpected or wrong:
-        raise ExportError(f"{path}: the tensors do not match config.json: missing {missing[:3]}, unexpected "
-                          f"{unexpected[:3]}, other shapes {wrong[:3]}")
+        raise ExportError(
+            f"{path}: the tensors do not match config.json: missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}, other shapes {wrong[:3]}"
+        )
     return state, cfg
 
 
@@ -334,14 +367,15 @@ def import_hf(path, block_size=None):
     hf = read_hf_config(path)
     if hf.get("model_type") == "mixtral":
         return load_mixtral(path, block_size)
-    from upcycle import load_llama
     try:
-        return load_llama(path, dtype=None, block_size=block_size)
+        return upcycle.load_llama(path, dtype=None, block_size=block_size)
     except ValueError as e:  # UpcycleError
         raise ExportError(str(e)) from None
 
+
 # -----------------------------------------------------------------------------
 # command line
+
 
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
@@ -354,12 +388,16 @@ def main(argv):
         result = export_checkpoint(args.source, args.out, DTYPES[args.dtype], args.overwrite)
     except ExportError as e:
         sys.exit(f"error: {e}")
-    print(f"wrote {result.out_dir}/config.json and model.safetensors: {result.architecture}, "
-          f"{result.n_params / 1e6:.2f}M parameters, {args.dtype}")
+    print(
+        f"wrote {result.out_dir}/config.json and model.safetensors: {result.architecture}, "
+        f"{result.n_params / 1e6:.2f}M parameters, {args.dtype}"
+    )
     for note in result.notes:
         print(f"note: {note}")
-    print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({result.out_dir!r}); the tokenizer "
-          "is not exported (character datasets: data/<dataset>/meta.json)")
+    print(
+        f"load it with transformers.AutoModelForCausalLM.from_pretrained({result.out_dir!r}); the tokenizer "
+        "is not exported (character datasets: data/<dataset>/meta.json)"
+    )
 
 
 if __name__ == "__main__":

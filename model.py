@@ -10,6 +10,9 @@ the MoE layer (router -> dispatch -> experts -> combine), the Block, the GPT, an
 Shape legend: B batch, L sequence, D model dim, T = B*L tokens, E experts, K top-k, F expert hidden,
 N kept (token, expert) slots; see router.py for the routing tensors.
 """
+
+import dataclasses
+import difflib
 import math
 import sys
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ from router import Router, RouterOutput, full_fp32_matmul
 
 # -----------------------------------------------------------------------------
 # config
+
 
 @dataclass
 class ModelConfig:
@@ -38,7 +42,7 @@ class ModelConfig:
     dropout: float = setting(0.0, 0.0, 0.99)
     norm_eps: float = setting(1e-6, 1e-12, 0.1)  # RMSNorm eps (Skywork: 1e-6)
     rope_theta: float = setting(10000.0, 1.0, 1e12)
-    tie_embeddings: bool = False   # Skywork and Llama: untied; some small Llama-format models tie
+    tie_embeddings: bool = False  # Skywork and Llama: untied; some small Llama-format models tie
     init_std: float = setting(0.02, 1e-6, 1.0)  # Skywork-MoE uses 0.01 at 146B scale
     # --- Mixture-of-Experts (n_expert = 0: a dense model)
     n_expert: int = setting(8, 0, 4096)
@@ -46,43 +50,60 @@ class ModelConfig:
     expert_hidden: int = setting(0, 0, 1 << 20)  # per-expert hidden size; 0 means ffn_hidden
     moe_every: int = setting(1, 1, 1024)  # 1: every FFN is MoE (Skywork-MoE); 2: every other layer (1, 3, ...)
     capacity_factor: float = setting(1.25, 0.0, 1e4)  # C = ceil(cf * T * K / E) per expert and group; 0 = dropless
-    gate_norm: bool = True         # gating logit normalization, eq. 6
+    gate_norm: bool = True  # gating logit normalization, eq. 6
     gate_lambda: float = setting(1.0, 1e-6, 1e3)  # lambda of eq. 6 (paper: 1; tried 0.5, 1, 2)
     # "switch" (n sum f P), "eq4" (Skywork's form, ~30x weaker: router.py), "none"
     aux_loss: str = setting("switch", choices=("switch", "eq4", "none"))
-    aux_free_bias: bool = False    # auxiliary-loss-free balancing bias on the selection scores
+    aux_free_bias: bool = False  # auxiliary-loss-free balancing bias on the selection scores
 
     def __post_init__(self):
         def need(ok, msg):
             if not ok:
                 raise ValueError(msg)
 
-        need(self.vocab_size > 0 and self.block_size > 0 and self.n_layer > 0,
-             "vocab_size, block_size and n_layer must be > 0")
-        need(self.n_head > 0 and self.n_embd % self.n_head == 0,
-             f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
-        need((self.n_embd // self.n_head) % 2 == 0,
-             f"head dim n_embd/n_head={self.n_embd // self.n_head} must be even for RoPE")
-        need(self.n_kv_head >= 0 and self.n_head % max(self.n_kv_head, 1) == 0,
-             f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head} (0 = n_head)")
+        need(
+            self.vocab_size > 0 and self.block_size > 0 and self.n_layer > 0,
+            "vocab_size, block_size and n_layer must be > 0",
+        )
+        need(
+            self.n_head > 0 and self.n_embd % self.n_head == 0,
+            f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}",
+        )
+        need(
+            (self.n_embd // self.n_head) % 2 == 0,
+            f"head dim n_embd/n_head={self.n_embd // self.n_head} must be even for RoPE",
+        )
+        need(
+            self.n_kv_head >= 0 and self.n_head % max(self.n_kv_head, 1) == 0,
+            f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head} (0 = n_head)",
+        )
         need(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
-        need(self.ffn_hidden >= 0 and self.expert_hidden >= 0,
-             "ffn_hidden and expert_hidden must be >= 0 (0 = default size)")
+        need(
+            self.ffn_hidden >= 0 and self.expert_hidden >= 0,
+            "ffn_hidden and expert_hidden must be >= 0 (0 = default size)",
+        )
         need(self.n_expert >= 0, f"n_expert={self.n_expert} must be >= 0 (0 = dense model)")
         if self.n_expert:
             need(1 <= self.top_k <= self.n_expert, f"top_k={self.top_k} must be in [1, n_expert={self.n_expert}]")
             need(self.moe_every >= 1, f"moe_every={self.moe_every} must be >= 1 (1 = every layer, 2 = every other)")
-            need(self.capacity_factor is None or self.capacity_factor >= 0,
-                 f"capacity_factor={self.capacity_factor} must be >= 0 (0 = dropless)")
+            need(
+                self.capacity_factor is None or self.capacity_factor >= 0,
+                f"capacity_factor={self.capacity_factor} must be >= 0 (0 = dropless)",
+            )
             need(self.gate_lambda > 0, f"gate_lambda={self.gate_lambda} must be > 0 (paper: 1; tried 0.5, 1, 2)")
-            need(not self.gate_norm or self.n_expert >= 2,
-                 "gate_norm needs n_expert >= 2 (the std over one logit is undefined): set gate_norm=false")
-            need(self.aux_loss in ("eq4", "switch", "none"),
-                 f"aux_loss={self.aux_loss!r}: use 'eq4', 'switch' or 'none'")
+            need(
+                not self.gate_norm or self.n_expert >= 2,
+                "gate_norm needs n_expert >= 2 (the std over one logit is undefined): set gate_norm=false",
+            )
+            need(
+                self.aux_loss in ("eq4", "switch", "none"), f"aux_loss={self.aux_loss!r}: use 'eq4', 'switch' or 'none'"
+            )
             # moe_every > n_layer would leave every layer dense: a dense model trained as if it were MoE
-            need(self.moe_every <= self.n_layer,
-                 f"moe_every={self.moe_every} > n_layer={self.n_layer} leaves no MoE layer: "
-                 "lower moe_every, or set n_expert=0 for a dense model")
+            need(
+                self.moe_every <= self.n_layer,
+                f"moe_every={self.moe_every} > n_layer={self.n_layer} leaves no MoE layer: "
+                "lower moe_every, or set n_expert=0 for a dense model",
+            )
         check_settings(self)  # every declared range (non-finite values included), before the sizes below
         if self.ffn_hidden == 0:
             self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
@@ -113,6 +134,7 @@ def padded_vocab_size(vocab_size, multiple=64):
 
 # -----------------------------------------------------------------------------
 # dense pieces
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -154,12 +176,18 @@ class Attention(nn.Module):
 
     def forward(self, x_BLD, cos, sin):
         B, L, _ = x_BLD.shape
-        q = self.wq(x_BLD).view(B, L, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, L, d)
+        q = self.wq(x_BLD).view(B, L, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, L, d)
         k = self.wk(x_BLD).view(B, L, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, L, d)
         v = self.wv(x_BLD).view(B, L, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=True,
+            enable_gqa=self.n_kv_head != self.n_head,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
         return self.wo(y.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -175,8 +203,10 @@ class MLP(nn.Module):
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
+
 # -----------------------------------------------------------------------------
 # experts and the MoE layer
+
 
 class Experts(nn.Module):
     """E SwiGLU experts as stacked weights named like the dense MLP: w1, w3 (E, F, D) and w2 (E, D, F),
@@ -220,8 +250,10 @@ class Experts(nn.Module):
         if self.impl == "auto" and x_ND.device.type == "cpu" and x_ND.shape[0] >= CPU_LOOP_ROWS * self.w1.shape[0]:
             dtype = None  # many rows per expert on a CPU: the loop (see CPU_LOOP_ROWS)
         if self.impl == "grouped" and dtype is None:
-            raise ValueError(f"grouped_mm does not run on {x_ND.device.type} {x_ND.dtype} with D, F = "
-                             f"{self.w1.shape[2]}, {self.w1.shape[1]}: use impl='loop'")
+            raise ValueError(
+                f"grouped_mm does not run on {x_ND.device.type} {x_ND.dtype} with D, F = "
+                f"{self.w1.shape[2]}, {self.w1.shape[1]}: use impl='loop'"
+            )
         if dtype is None or x_ND.shape[0] == 0:  # grouped_mm's backward rejects zero rows
             return self.forward_loop(x_ND, counts_E, counts_host)
         return self.forward_grouped(x_ND, counts_E, dtype)
@@ -294,13 +326,18 @@ def grouped_mm_dtype(x_ND, w_EFD, require_fast=True):
     if device == "cuda":
         capability = torch.cuda.get_device_capability(x_ND.device)
         runs = capability in GROUPED_MM_FAST_CAPABILITIES or (not require_fast and capability >= (8, 0))
-        bf16 = x_ND.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cuda")
-                                                and torch.get_autocast_dtype("cuda") == torch.bfloat16)
+        bf16 = x_ND.dtype == torch.bfloat16 or (
+            torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+        )
         if not (runs and bf16):
             return None
         dtype = torch.bfloat16
-    elif device == "cpu" and x_ND.dtype == w_EFD.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") \
-            and not torch.compiler.is_compiling():
+    elif (
+        device == "cpu"
+        and x_ND.dtype == w_EFD.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    ):
         dtype = torch.float32
     else:
         return None
@@ -315,8 +352,16 @@ class MoE(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.router = Router(cfg.n_embd, cfg.n_expert, cfg.top_k, cfg.capacity_factor, cfg.gate_norm,
-                             cfg.gate_lambda, cfg.aux_loss, cfg.aux_free_bias)
+        self.router = Router(
+            cfg.n_embd,
+            cfg.n_expert,
+            cfg.top_k,
+            cfg.capacity_factor,
+            cfg.gate_norm,
+            cfg.gate_lambda,
+            cfg.aux_loss,
+            cfg.aux_free_bias,
+        )
         self.experts = Experts(cfg.n_expert, cfg.n_embd, cfg.expert_hidden)
 
     def forward(self, x_BLD, n_group=1):
@@ -324,8 +369,8 @@ class MoE(nn.Module):
         x_TD = x_BLD.reshape(B * L, D)
         r: RouterOutput = self.router(x_TD, n_group)
         T = x_TD.shape[0]
-        token_N = r.slots_N % T                              # slot s = k*T + t  ->  token t
-        weight_N = r.weights_TK.t().reshape(-1)[r.slots_N]   # combine weight of each kept slot (eq. 2)
+        token_N = r.slots_N % T  # slot s = k*T + t  ->  token t
+        weight_N = r.weights_TK.t().reshape(-1)[r.slots_N]  # combine weight of each kept slot (eq. 2)
         # the rows in the experts' compute dtype before they are gathered (bf16 under autocast, where
         # x_TD is the fp32 residual stream): half the bytes to gather and to send under expert parallelism
         x_TD = x_TD.to(self.experts.compute_dtype(x_TD))
@@ -336,8 +381,10 @@ class MoE(nn.Module):
         y_TD = y_ND.new_zeros(T, D).index_add_(0, token_N, y_ND * weight_N.unsqueeze(1).to(y_ND.dtype))
         return y_TD.view(B, L, D), r
 
+
 # -----------------------------------------------------------------------------
 # the transformer
+
 
 class Block(nn.Module):
     def __init__(self, cfg, layer_id):
@@ -416,7 +463,7 @@ class GPT(nn.Module):
         the tokenizer's vocabulary, when the model's is padded (padded_vocab_size): ids beyond it are
         never sampled."""
         for _ in range(max_new_tokens):
-            ctx = idx_BL[:, -self.cfg.block_size:]
+            ctx = idx_BL[:, -self.cfg.block_size :]
             logits, _, _ = self(ctx)
             logits = logits[:, -1, :n_tokens] / max(temperature, 1e-8)
             if top_k is not None:
@@ -502,6 +549,11 @@ def main(argv):
         (model_cfg,), sources = load_config(argv, [ModelConfig], ignore_unknown=True)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    fields = [f.name for f in dataclasses.fields(ModelConfig)]
+    for key in sources.get(None, []):  # train.py's settings pass; a near miss of a model setting does not
+        near = difflib.get_close_matches(key, fields, n=1, cutoff=0.8)
+        if near:
+            sys.exit(f"config error: unknown config key {key!r}; did you mean {near[0]!r}?")
     if sources.get(None):
         print(f"(not model settings, ignored here: {', '.join(sources[None])})")
     counts = count_params_meta(model_cfg)

@@ -15,10 +15,11 @@ at the same alpha. Eq. 4's gradient on the mean gate probability P_j is 2 (P_j -
 are O(1/E) and shrink as balance improves, and only the soft probabilities enter, not which experts the
 top-k actually chose. The Switch form's is E f_j, O(1) whatever the balance, and f_j counts the hard
 choices that fill (and overflow) the experts' capacity. On the gate weights of a small 16-expert model
-the Switch gradient is 18-73x eq. 4's (experiments/results/balance_loss_small.md), so eq. 4 at the
-paper's typical alpha 1e-2 barely balances at these scales; matching the gradient takes alpha ~0.3. The
-paper's alphas were presumably tuned for its own form and scale; ours were not, so ModelConfig and every
-config/ preset use aux_loss="switch" (measured there), and aux_loss="eq4" keeps the paper's formula.
+the Switch gradient is 10-55x eq. 4's (geometric mean 25; experiments/results/balance_loss_small.md):
+at alpha 1e-2 eq. 4 leaves ~24 % of the assignments dropped where Switch leaves ~4 %, and even at the
+matched alpha 0.3 it drops more (6.6 %). The paper's alphas were presumably tuned for its own form and
+scale; ours were not, so ModelConfig and every config/ preset use aux_loss="switch" (measured there),
+and aux_loss="eq4" keeps the paper's formula.
 
 Read top to bottom: pure functions (each unit-tested on hand-computed examples in tests/test_router.py),
 then the thin Router module that strings them together, then the per-step controllers the training loop
@@ -33,6 +34,7 @@ Shape legend used in names (`probs_TE` is a T x E tensor):
     S  routed slots = K * T, ordered choice-major: slot s = k * T + t
     N  kept slots after capacity (N <= S)
 """
+
 import contextlib
 import math
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # gate logits -> probabilities
+
 
 def normalize_gate_logits(logits_TE, lam, eps=1e-6):
     """Gating logit normalization, eq. 6: z~ = lambda * (z - mean(z)) / std(z), per token.
@@ -70,8 +73,10 @@ def top_k_gating(probs_TE, k, bias_E=None):
     weights_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
     return ids_TK, weights_TK
 
+
 # -----------------------------------------------------------------------------
 # capacity and token dropping
+
 
 def expert_capacity(tokens_per_group, k, n_expert, capacity_factor):
     """C = ceil(capacity_factor * T * K / E) slots per expert and group; None means dropless."""
@@ -95,17 +100,18 @@ def dispatch_plan(ids_TK, n_expert, capacity, n_group=1):
     """
     T, K = ids_TK.shape
     S = T * K
-    ids_S = ids_TK.t().reshape(-1)                                   # choice-major, (S,)
+    ids_S = ids_TK.t().reshape(-1)  # choice-major, (S,)
     if n_group == 1:
-        bucket_S = ids_S                                              # one group: a bucket is an expert
+        bucket_S = ids_S  # one group: a bucket is an expert
     else:
         group_S = (torch.arange(S, device=ids_TK.device) % T) // (T // n_group)
-        bucket_S = ids_S * n_group + group_S                          # expert-major buckets, (S,)
+        bucket_S = ids_S * n_group + group_S  # expert-major buckets, (S,)
     order_S = torch.argsort(bucket_S, stable=True)
     # routed slots per bucket; scatter_add_ into a buffer of known size, not bincount, which on CUDA
     # reads the largest id back to the host (a sync) even with minlength
     routed_B = torch.zeros(n_expert * n_group, dtype=torch.long, device=ids_TK.device).scatter_add_(
-        0, bucket_S, torch.ones_like(bucket_S))
+        0, bucket_S, torch.ones_like(bucket_S)
+    )
     if capacity is None:  # dropless: every slot kept, no host sync at all
         slots_N, kept_B = order_S, routed_B
         keep_S = torch.ones(S, dtype=torch.bool, device=ids_TK.device)
@@ -124,8 +130,10 @@ def dispatch_plan(ids_TK, n_expert, capacity, n_group=1):
     keep_TK = keep_S.view(K, T).t()
     return slots_N, counts_E, keep_TK
 
+
 # -----------------------------------------------------------------------------
 # balance losses (each averaged over routing groups: one loss per capacity group, as under EP)
+
 
 def aux_loss_eq4(probs_GTE):
     """Skywork-MoE eq. 4: L_aux = sum_j (1/E - mean_i g_ij)^2. Minimum 0 at perfectly balanced
@@ -142,7 +150,8 @@ def aux_loss_switch(probs_GTE, ids_GTK):
     G, T, E = probs_GTE.shape
     K = ids_GTK.shape[-1]
     one_hot_GE = torch.zeros(G, E, device=probs_GTE.device).scatter_add_(
-        1, ids_GTK.reshape(G, T * K), torch.ones(G, T * K, device=probs_GTE.device))
+        1, ids_GTK.reshape(G, T * K), torch.ones(G, T * K, device=probs_GTE.device)
+    )
     f_GE = one_hot_GE / (T * K)
     P_GE = probs_GTE.mean(dim=1)
     return (E * (f_GE * P_GE).sum(dim=-1)).mean()
@@ -152,8 +161,10 @@ def router_z_loss(logits_TE):
     """ST-MoE router z-loss: mean_i (logsumexp_j z_ij)^2; keeps the logits entering softmax small."""
     return torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
 
+
 # -----------------------------------------------------------------------------
 # statistics (no gradient; the numbers the paper plots)
+
 
 @torch.no_grad()
 def gate_statistics(probs_TE):
@@ -195,17 +206,18 @@ def gate_decisiveness(probs_GTE):
 class RouterOutput:
     """What one MoE layer's router reports for one forward call. Tensors, not Python floats, so the
     hot path never waits on the device; the training loop averages and logs them."""
-    aux_loss: torch.Tensor     # scalar, with gradient: eq. 4 or Switch, averaged over groups
-    z_loss: torch.Tensor       # scalar, with gradient
-    drop_rate: torch.Tensor    # dropped / routed assignments (K*T)
-    load_E: torch.Tensor       # routed assignments per expert, before capacity (float)
-    load_cv: torch.Tensor      # std / mean of load_E: 0 is perfectly balanced
-    max1_max2: torch.Tensor    # gate_statistics: three readings of Max1/Max2, Max2/Max3, entropy
+
+    aux_loss: torch.Tensor  # scalar, with gradient: eq. 4 or Switch, averaged over groups
+    z_loss: torch.Tensor  # scalar, with gradient
+    drop_rate: torch.Tensor  # dropped / routed assignments (K*T)
+    load_E: torch.Tensor  # routed assignments per expert, before capacity (float)
+    load_cv: torch.Tensor  # std / mean of load_E: 0 is perfectly balanced
+    max1_max2: torch.Tensor  # gate_statistics: three readings of Max1/Max2, Max2/Max3, entropy
     max1_max2_median: torch.Tensor
     max1_max2_of_means: torch.Tensor
     max2_max3: torch.Tensor
     entropy: torch.Tensor
-    logit_std: torch.Tensor    # mean over tokens of the std of the gate logits *before* eq. 6
+    logit_std: torch.Tensor  # mean over tokens of the std of the gate logits *before* eq. 6
     router_weight_norm: torch.Tensor  # Frobenius norm of the gate weight (weight decay shrinks it)
     # the routing decision itself, for the MoE layer and for tests / notebooks
     ids_TK: torch.Tensor
@@ -217,11 +229,23 @@ class RouterOutput:
 
 
 # the per-layer scalars train.py logs to metrics.jsonl (every one exactly averageable over ranks)
-STAT_NAMES = ("aux_loss", "z_loss", "drop_rate", "load_cv", "max1_max2", "max1_max2_median", "max1_max2_of_means",
-              "max2_max3", "entropy", "logit_std", "router_weight_norm")
+STAT_NAMES = (
+    "aux_loss",
+    "z_loss",
+    "drop_rate",
+    "load_cv",
+    "max1_max2",
+    "max1_max2_median",
+    "max1_max2_of_means",
+    "max2_max3",
+    "entropy",
+    "logit_std",
+    "router_weight_norm",
+)
 
 # -----------------------------------------------------------------------------
 # the module
+
 
 @contextlib.contextmanager
 def full_fp32_matmul():
@@ -244,8 +268,17 @@ class Router(nn.Module):
     forward by `update_selection_bias` after each optimizer step.
     """
 
-    def __init__(self, n_embd, n_expert, top_k, capacity_factor=1.25, gate_norm=True,
-                 gate_lambda=1.0, aux_loss="eq4", aux_free_bias=False):
+    def __init__(
+        self,
+        n_embd,
+        n_expert,
+        top_k,
+        capacity_factor=1.25,
+        gate_norm=True,
+        gate_lambda=1.0,
+        aux_loss="eq4",
+        aux_free_bias=False,
+    ):
         super().__init__()
         self.n_expert, self.top_k = n_expert, top_k
         self.capacity_factor = capacity_factor
@@ -285,7 +318,9 @@ class Router(nn.Module):
         with torch.no_grad():  # statistics: a few reductions over (T, E) tensors already at hand
             # routed assignments per expert: scatter_add_ into a known-size buffer (bincount syncs on CUDA)
             ids_N = ids_TK.reshape(-1)
-            load_E = torch.zeros(E, device=ids_N.device).scatter_add_(0, ids_N, torch.ones(ids_N.shape, device=ids_N.device))
+            load_E = torch.zeros(E, device=ids_N.device).scatter_add_(
+                0, ids_N, torch.ones(ids_N.shape, device=ids_N.device)
+            )
             load_cv = load_E.std(correction=0) / load_E.mean()
             drop_rate = 1.0 - keep_TK.float().mean()
             gate = gate_decisiveness(probs_GTE.detach())
@@ -293,13 +328,27 @@ class Router(nn.Module):
             # on the gate (its norm) does to it without normalization (section 4.1's drift)
             logit_std = raw_logits_TE.detach().std(dim=-1).mean() if E >= 2 else raw_logits_TE.new_zeros(())
             weight_norm = self.weight.detach().to(rdt).norm()
-        return RouterOutput(aux_loss=aux, z_loss=z, drop_rate=drop_rate, load_E=load_E, load_cv=load_cv, **gate,
-                            logit_std=logit_std, router_weight_norm=weight_norm, ids_TK=ids_TK,
-                            weights_TK=weights_TK, keep_TK=keep_TK, slots_N=slots_N, counts_E=counts_E,
-                            probs_TE=probs_TE)
+        return RouterOutput(
+            aux_loss=aux,
+            z_loss=z,
+            drop_rate=drop_rate,
+            load_E=load_E,
+            load_cv=load_cv,
+            **gate,
+            logit_std=logit_std,
+            router_weight_norm=weight_norm,
+            ids_TK=ids_TK,
+            weights_TK=weights_TK,
+            keep_TK=keep_TK,
+            slots_N=slots_N,
+            counts_E=counts_E,
+            probs_TE=probs_TE,
+        )
+
 
 # -----------------------------------------------------------------------------
 # per-step balance controllers (owned by the training loop, updated after each optimizer step)
+
 
 def adaptive_alpha_step(alpha, drop_rate, xi, alpha_max, beta):
     """Eq. 7-9 for one layer: alpha_hat = f(d) = min(xi * d, alpha_max);
@@ -325,8 +374,10 @@ class AuxCoefficients:
 
     def update(self, drop_rates):
         if self.mode == "adaptive":
-            self.alpha = [adaptive_alpha_step(a, float(d), self.xi, self.alpha_max, self.beta)
-                          for a, d in zip(self.alpha, drop_rates, strict=True)]
+            self.alpha = [
+                adaptive_alpha_step(a, float(d), self.xi, self.alpha_max, self.beta)
+                for a, d in zip(self.alpha, drop_rates, strict=True)
+            ]
         return self.alpha
 
     def state_dict(self):
@@ -334,8 +385,9 @@ class AuxCoefficients:
 
     def load_state_dict(self, state):
         if len(state["alpha"]) != len(self.alpha):
-            raise ValueError(f"checkpoint has {len(state['alpha'])} aux coefficients, "
-                             f"the model has {len(self.alpha)} MoE layers")
+            raise ValueError(
+                f"checkpoint has {len(state['alpha'])} aux coefficients, the model has {len(self.alpha)} MoE layers"
+            )
         self.alpha = [float(a) for a in state["alpha"]]
 
 

@@ -7,6 +7,7 @@ Generate text from a checkpoint written by train.py.
 The tokenizer is the dataset's: characters from meta.json, or the GPT-2 BPE (pass --ranks for an
 offline ranks file).
 """
+
 import argparse
 import json
 import math
@@ -38,9 +39,11 @@ def tokenizer_for(train_config, ranks_path=None):
             if missing:
                 raise SampleError(f"the prompt has characters outside the vocabulary: {missing}")
             return [stoi[c] for c in s]
+
         return encode, lambda ids: "".join(meta["chars"][i] for i in ids), len(meta["chars"])
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shakespeare"))
     from prepare import gpt2_encoding
+
     enc = gpt2_encoding(ranks_path)
     return enc.encode_ordinary, enc.decode, enc.n_vocab
 

@@ -27,6 +27,7 @@ Shape legend: B batch, L sequence, D model dim, T = B*L tokens of a data-paralle
 every rank of its TP group), S = T / tp_size tokens of one TP rank's slice, H heads, Hkv key/value
 heads, d head dim, E experts, K top-k, F expert hidden, N kept (token, expert) slots.
 """
+
 import math
 import sys
 from dataclasses import dataclass, replace
@@ -63,8 +64,8 @@ EXPERT_GROUPS = ("", "tp", "world", "etp")
 class Layout:
     world_size: int
     tp_size: int
-    ep_size: int          # ranks an MoE layer's experts are spread over (1: every rank holds all)
-    expert_group: str     # "tp" (EDP), "world" (plain EP), "etp", or "" (ep_size as given)
+    ep_size: int  # ranks an MoE layer's experts are spread over (1: every rank holds all)
+    expert_group: str  # "tp" (EDP), "world" (plain EP), "etp", or "" (ep_size as given)
 
     @property
     def dp_size(self):
@@ -88,13 +89,15 @@ class Layout:
         return "TP" if self.tp_size > 1 else "DP"
 
     def describe(self):
-        return (f"world {self.world_size} = {self.dp_size} data-parallel x {self.tp_size} tensor-parallel, "
-                f"{self.name}: experts over {self.ep_size} rank(s)"
-                + (" (the TP group)" if self.name == "EDP" else ""))
+        return (
+            f"world {self.world_size} = {self.dp_size} data-parallel x {self.tp_size} tensor-parallel, "
+            f"{self.name}: experts over {self.ep_size} rank(s)" + (" (the TP group)" if self.name == "EDP" else "")
+        )
 
 
-def validate_layout(world_size, tp_size=1, ep_size=1, expert_group="", model_cfg=None, tokens_per_replica=None,
-                    n_group=1):
+def validate_layout(
+    world_size, tp_size=1, ep_size=1, expert_group="", model_cfg=None, tokens_per_replica=None, n_group=1
+):
     """The Layout of these settings, or ValueError with one actionable line. Pure: every rank computes
     the same answer from the same config, so all fail alike, before any collective. model_cfg=None
     checks the world only; tokens_per_replica (batch_size / dp_size * block_size) checks that each TP
@@ -102,51 +105,74 @@ def validate_layout(world_size, tp_size=1, ep_size=1, expert_group="", model_cfg
     if tp_size < 1 or ep_size < 1:
         raise ValueError(f"tp_size={tp_size} and ep_size={ep_size} must be >= 1 (1 = not split)")
     if expert_group not in EXPERT_GROUPS:
-        raise ValueError(f"expert_group={expert_group!r}: use 'tp' (EDP: experts over the tensor-parallel "
-                         f"group), 'world' (plain EP over every rank), 'etp' (each expert split over TP), "
-                         f"or '' (ep_size as given)")
+        raise ValueError(
+            f"expert_group={expert_group!r}: use 'tp' (EDP: experts over the tensor-parallel "
+            f"group), 'world' (plain EP over every rank), 'etp' (each expert split over TP), "
+            f"or '' (ep_size as given)"
+        )
     if world_size % tp_size:
-        raise ValueError(f"world size {world_size} is not divisible by tp_size={tp_size}: ranks form data-parallel "
-                         f"x tensor-parallel groups, so launch a multiple of {tp_size} processes or pick a "
-                         f"tp_size that divides {world_size}")
+        raise ValueError(
+            f"world size {world_size} is not divisible by tp_size={tp_size}: ranks form data-parallel "
+            f"x tensor-parallel groups, so launch a multiple of {tp_size} processes or pick a "
+            f"tp_size that divides {world_size}"
+        )
     if expert_group and ep_size != 1:
         implied = {"tp": tp_size, "world": world_size, "etp": 1}[expert_group]
         if ep_size != implied:
-            raise ValueError(f"expert_group={expert_group!r} sets ep_size={implied}, but ep_size={ep_size} was "
-                             f"given: drop ep_size, or set it to {implied}")
+            raise ValueError(
+                f"expert_group={expert_group!r} sets ep_size={implied}, but ep_size={ep_size} was "
+                f"given: drop ep_size, or set it to {implied}"
+            )
     ep_size = {"": ep_size, "tp": tp_size, "world": world_size, "etp": 1}[expert_group]
     if expert_group == "etp" and tp_size == 1:
-        raise ValueError("expert_group='etp' splits each expert over the tensor-parallel group, but tp_size=1: "
-                         "set tp_size > 1")
+        raise ValueError(
+            "expert_group='etp' splits each expert over the tensor-parallel group, but tp_size=1: set tp_size > 1"
+        )
     n_expert = model_cfg.n_expert if model_cfg is not None else None
     if expert_group in ("tp", "world") and n_expert and n_expert % ep_size:
         knob = "tp_size" if expert_group == "tp" else "number of processes"
-        raise ValueError(f"n_expert={n_expert} is not divisible by the expert group of {ep_size} ranks "
-                         f"(expert_group={expert_group!r}): pick a {knob} that divides {n_expert}, or another "
-                         f"expert_group")
+        raise ValueError(
+            f"n_expert={n_expert} is not divisible by the expert group of {ep_size} ranks "
+            f"(expert_group={expert_group!r}): pick a {knob} that divides {n_expert}, or another "
+            f"expert_group"
+        )
     ep.validate_layout(ep_size, world_size, n_expert)  # world % ep_size, n_expert % ep_size
     layout = Layout(world_size, tp_size, ep_size, expert_group)
     if model_cfg is None or tp_size == 1:
         return layout
     c = model_cfg
     if c.n_head % tp_size or c.kv_heads % tp_size:
-        raise ValueError(f"n_head={c.n_head} and n_kv_head={c.kv_heads} must both be divisible by tp_size={tp_size}: "
-                         f"each tensor-parallel rank holds whole query and key/value heads; pick a tp_size "
-                         f"that divides {math.gcd(c.n_head, c.kv_heads)}")
+        raise ValueError(
+            f"n_head={c.n_head} and n_kv_head={c.kv_heads} must both be divisible by tp_size={tp_size}: "
+            f"each tensor-parallel rank holds whole query and key/value heads; pick a tp_size "
+            f"that divides {math.gcd(c.n_head, c.kv_heads)}"
+        )
     if any(not c.is_moe_layer(i) for i in range(c.n_layer)) and c.ffn_hidden % tp_size:
-        raise ValueError(f"ffn_hidden={c.ffn_hidden} is not divisible by tp_size={tp_size}: the dense MLP's "
-                         f"hidden units are split over the tensor-parallel group")
+        raise ValueError(
+            f"ffn_hidden={c.ffn_hidden} is not divisible by tp_size={tp_size}: the dense MLP's "
+            f"hidden units are split over the tensor-parallel group"
+        )
     if expert_group == "etp" and c.expert_hidden % tp_size:
-        raise ValueError(f"expert_hidden={c.expert_hidden} is not divisible by tp_size={tp_size}: ETP splits "
-                         f"each expert's hidden units over the tensor-parallel group")
+        raise ValueError(
+            f"expert_hidden={c.expert_hidden} is not divisible by tp_size={tp_size}: ETP splits "
+            f"each expert's hidden units over the tensor-parallel group"
+        )
     if c.dropout > 0:
-        raise ValueError(f"dropout={c.dropout} with tp_size={tp_size}: the ranks of a tensor-parallel group "
-                         f"must drop the same units of the replicated activations; set dropout=0")
-    if tokens_per_replica is not None and expert_group != "etp" and c.n_expert and \
-            tokens_per_replica % (tp_size * n_group):
-        raise ValueError(f"{tokens_per_replica} tokens per data-parallel replica do not split into {tp_size} "
-                         f"tensor-parallel slices of {n_group} routing group(s): change batch_size or "
-                         f"route_groups")
+        raise ValueError(
+            f"dropout={c.dropout} with tp_size={tp_size}: the ranks of a tensor-parallel group "
+            f"must drop the same units of the replicated activations; set dropout=0"
+        )
+    if (
+        tokens_per_replica is not None
+        and expert_group != "etp"
+        and c.n_expert
+        and tokens_per_replica % (tp_size * n_group)
+    ):
+        raise ValueError(
+            f"{tokens_per_replica} tokens per data-parallel replica do not split into {tp_size} "
+            f"tensor-parallel slices of {n_group} routing group(s): change batch_size or "
+            f"route_groups"
+        )
     return layout
 
 
@@ -207,10 +233,10 @@ def check_launch(tcfg, model_cfg, world_size, cuda_available):
 class TPGroups:
     layout: Layout
     rank: int
-    tp_rank: int                          # which heads (and token slice) this rank owns
-    tp_group: dist.ProcessGroup           # the tp_size ranks that share tokens
-    dp_group: dist.ProcessGroup           # the dp_size ranks with the same tp_rank (same attention shard)
-    experts: ep.ParallelGroups            # expert_parallel's EP / EDP groups (ep_size 1: none to talk to)
+    tp_rank: int  # which heads (and token slice) this rank owns
+    tp_group: dist.ProcessGroup  # the tp_size ranks that share tokens
+    dp_group: dist.ProcessGroup  # the dp_size ranks with the same tp_rank (same attention shard)
+    experts: ep.ParallelGroups  # expert_parallel's EP / EDP groups (ep_size 1: none to talk to)
     store: dist.Store | None = None
 
     @classmethod
@@ -269,6 +295,7 @@ def build_groups(layout, timeout, store=None):
             if rank in ranks:
                 found = group
         return found
+
     tp, world = layout.tp_size, layout.world_size
     tp_group = mine(_runs(world, tp))
     dp_group = mine(_strides(world, tp))
@@ -282,6 +309,7 @@ def build_groups(layout, timeout, store=None):
     experts = ep.ParallelGroups(rank, world, layout.ep_size, rank % layout.ep_size, ep_group, edp_group, store)
     return TPGroups(layout, rank, rank % tp, tp_group, dp_group, experts, store)
 
+
 # -----------------------------------------------------------------------------
 # 2. the conjugate functions
 #
@@ -289,6 +317,7 @@ def build_groups(layout, timeout, store=None):
 # same activations AND the same, full, gradient of the loss with respect to them (the replicated
 # "residual stream"). Each function below maps between a replicated tensor and per-rank pieces, and
 # its backward is the adjoint of its forward under that invariant.
+
 
 class CopyToTP(torch.autograd.Function):
     """f: forward identity, backward all-reduce (sum) over the TP group.
@@ -341,7 +370,7 @@ class SliceTokens(torch.autograd.Function):
             raise ValueError(f"{x_TD.shape[0]} tokens do not split into {R} equal tensor-parallel slices")
         ctx.group = group
         S = x_TD.shape[0] // R
-        return x_TD[r * S:(r + 1) * S].clone()
+        return x_TD[r * S : (r + 1) * S].clone()
 
     @staticmethod
     def backward(ctx, grad_SD):
@@ -362,7 +391,7 @@ class GatherTokens(torch.autograd.Function):
     def backward(ctx, grad_TD):
         R, r = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
         S = grad_TD.shape[0] // R
-        return grad_TD[r * S:(r + 1) * S], None
+        return grad_TD[r * S : (r + 1) * S], None
 
 
 def _all_gather_rows(t, group):
@@ -388,6 +417,7 @@ def tp_mean(x, group):
     own term gets gradient 1/tp_size, so the group together differentiates the mean exactly once."""
     return reduce_from_tp(x / dist.get_world_size(group), group) if _split(group) else x
 
+
 # -----------------------------------------------------------------------------
 # 3. tensor-parallel layers: column-parallel in, row-parallel out
 #
@@ -398,6 +428,7 @@ def tp_mean(x, group):
 # on the local slice, and wo (w2) is row-parallel: one f before, one g after, one all-reduce forward
 # and one backward per layer. Parameters keep their names; `tp_dims` says along which dimension each
 # is split (checkpoints gather and slice along it).
+
 
 def _tp_slice(t, dim, groups):
     return t.chunk(groups.tp_size, dim)[groups.tp_rank]
@@ -416,6 +447,7 @@ class TensorParallelAttention(Attention):
     """Heads [tp_rank * H/tp, (tp_rank + 1) * H/tp) and their key/value heads. With GQA, query head h
     reads key/value head h // (H / Hkv): when Hkv is divisible by tp, a rank's query heads read exactly
     its own key/value heads, in the same local order, so model.Attention.forward runs unchanged."""
+
     tp_dims = {"wq.weight": 0, "wk.weight": 0, "wv.weight": 0, "wo.weight": 1}
 
     def __init__(self, cfg, groups):
@@ -424,10 +456,10 @@ class TensorParallelAttention(Attention):
         self.n_head, self.n_kv_head = cfg.n_head // tp, cfg.kv_heads // tp
         self.head_dim = cfg.n_embd // cfg.n_head
         D, d = cfg.n_embd, self.head_dim
-        self.wq = nn.Linear(D, self.n_head * d, bias=False)      # column-parallel
-        self.wk = nn.Linear(D, self.n_kv_head * d, bias=False)   # column-parallel
-        self.wv = nn.Linear(D, self.n_kv_head * d, bias=False)   # column-parallel
-        self.wo = nn.Linear(self.n_head * d, D, bias=False)      # row-parallel
+        self.wq = nn.Linear(D, self.n_head * d, bias=False)  # column-parallel
+        self.wk = nn.Linear(D, self.n_kv_head * d, bias=False)  # column-parallel
+        self.wv = nn.Linear(D, self.n_kv_head * d, bias=False)  # column-parallel
+        self.wo = nn.Linear(self.n_head * d, D, bias=False)  # row-parallel
         self.dropout = cfg.dropout
         self.tp_group = groups.tp_group
 
@@ -437,6 +469,7 @@ class TensorParallelAttention(Attention):
 
 class TensorParallelMLP(MLP):
     """A dense SwiGLU layer (moe_every > 1, or a dense model): hidden units split like heads."""
+
     tp_dims = {"w1.weight": 0, "w3.weight": 0, "w2.weight": 1}
 
     def __init__(self, n_embd, hidden, groups):
@@ -454,6 +487,7 @@ class TensorParallelExperts(Experts):
     to x is replicated and must not be summed by f, and the combine weights must multiply full expert
     outputs for the router's gradient to stay full (reducing after the combine would be K times
     cheaper but would leave the router with a partial gradient)."""
+
     tp_dims = {"w1": 1, "w3": 1, "w2": 2}
 
     def __init__(self, n_expert, n_embd, hidden, groups):
@@ -462,6 +496,7 @@ class TensorParallelExperts(Experts):
 
     def forward(self, x_ND, counts_E):
         return reduce_from_tp(super().forward(copy_to_tp(x_ND, self.tp_group), counts_E), self.tp_group)
+
 
 # -----------------------------------------------------------------------------
 # 4. the MoE layer under TP: tokens per rank
@@ -480,6 +515,7 @@ class TensorParallelExperts(Experts):
 # gradient (drop rate, load_E, ...) stay per slice: averaging (loads: summing) them over the world,
 # as train.py does, gives the global numbers.
 
+
 class TokenSlicedMoE(MoE):
     """model.MoE on this TP rank's slice of the tokens; same router and experts attributes (the state
     dict keys do not change), experts sharded over the expert group by expert_parallel.shard_experts."""
@@ -497,8 +533,10 @@ class TokenSlicedMoE(MoE):
         r = replace(r, aux_loss=tp_mean(r.aux_loss, self.tp_group), z_loss=tp_mean(r.z_loss, self.tp_group))
         return y_TD.view(B, L, D), r
 
+
 # -----------------------------------------------------------------------------
 # 5. parallelize: from outside the model
+
 
 def parallelize(model, groups):
     """Turn this rank's full model (every rank built the same one: same seed or same checkpoint) into
@@ -536,6 +574,7 @@ def tp_sharded_parameters(model):
             out.append((f"{prefix}.{name}", m.get_parameter(name), dim))
     return out
 
+
 # -----------------------------------------------------------------------------
 # 6. the gradient rule
 #
@@ -559,6 +598,7 @@ def tp_sharded_parameters(model):
 #    once: SUM over the EDP group, divide by P. Under EDP that group is the DP group.
 # Every rule divides by P = dp_size, never by a group's size. A parameter with no gradient (an expert
 # shard that received no token) gets zeros, so every rank joins the same collectives.
+
 
 def reduction_plan(model, groups):
     """{group name: [(name, parameter)]} with names "dp", "world", "edp": which group sums which
@@ -678,6 +718,7 @@ def grad_norm(model, groups):
 # load_state_dict(shard_state(full_state, model, groups)). The gathers are collectives: call these on
 # every rank, in the same order.
 
+
 def _gather_to_main(t, dim, groups):
     """The full tensor on rank 0 from the shards of TP group 0; None on every other rank (the ranks
     outside TP group 0 take no part)."""
@@ -725,8 +766,10 @@ def _map_tp_moments(state, optimizer, model, fn):
     per_param = dict(state["state"])
     for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"]):
         if id(p) in dims and i in per_param:
-            per_param[i] = {k: fn(v, dims[id(p)]) if torch.is_tensor(v) and v.dim() == p.dim() else v
-                            for k, v in per_param[i].items()}
+            per_param[i] = {
+                k: fn(v, dims[id(p)]) if torch.is_tensor(v) and v.dim() == p.dim() else v
+                for k, v in per_param[i].items()
+            }
     return {**state, "state": per_param}
 
 
@@ -735,8 +778,12 @@ def full_optimizer_state(optimizer, model, groups):
     None on the other ranks when anything is sharded."""
     state = ep.full_optimizer_state(optimizer, model, groups.experts)  # rank 0 (or every rank if ep_size 1)
     if groups.tp_size > 1 and groups.rank < groups.tp_size:
-        state = _map_tp_moments(state if state is not None else optimizer.state_dict(), optimizer, model,
-                                lambda v, dim: _gather_to_main(v, dim, groups))
+        state = _map_tp_moments(
+            state if state is not None else optimizer.state_dict(),
+            optimizer,
+            model,
+            lambda v, dim: _gather_to_main(v, dim, groups),
+        )
     return state if groups.is_main or not _sharded(groups) else None
 
 
@@ -744,6 +791,7 @@ def shard_optimizer_state(state, optimizer, model, groups):
     """The inverse of full_optimizer_state for this rank."""
     state = ep.shard_optimizer_state(state, optimizer, model, groups.experts)
     return _map_tp_moments(state, optimizer, model, lambda v, dim: _tp_slice(v, dim, groups).clone())
+
 
 # -----------------------------------------------------------------------------
 # 8. communication volume per layer, from the config
@@ -754,18 +802,19 @@ def shard_optimizer_state(state, optimizer, model, groups):
 # leave the rank) and no drops (K*T slots; capacity caps it at cf*K*T). Ring collectives: an all-reduce
 # of X bytes over n ranks sends 2 (n-1)/n X per rank, an all-gather of X bytes in total (n-1)/n X.
 
+
 def comm_bytes_per_layer(cfg, layout, tokens, bytes_per_elem=2, sliced=True):
     """[(collective, group size, bytes one rank sends)] in the forward of one MoE layer (attention and
     MoE). sliced=False: every TP rank routes all T tokens of its replica (what section 4 avoids)."""
     D, K, tp, R = cfg.n_embd, cfg.top_k, layout.tp_size, layout.ep_size
-    act = tokens * D * bytes_per_elem          # one replicated activation, T x D
+    act = tokens * D * bytes_per_elem  # one replicated activation, T x D
     rows = []
     if tp > 1:
         rows.append(("attention all-reduce", tp, 2 * (tp - 1) / tp * act))
     if layout.expert_group == "etp":
         rows.append(("expert-output all-reduce", tp, 2 * (tp - 1) / tp * K * act))  # K*T slots x D
         return rows
-    slots = K * act / (tp if sliced else 1)    # the slots this rank routes: K per token of its slice
+    slots = K * act / (tp if sliced else 1)  # the slots this rank routes: K per token of its slice
     if R > 1:
         rows.append(("dispatch all-to-all", R, (R - 1) / R * slots))
         rows.append(("combine all-to-all", R, (R - 1) / R * slots))
@@ -794,6 +843,7 @@ def layout_picture(layout, cfg):
 
     def span(lo, hi):
         return f"{lo}-{hi - 1}" if hi - lo > 1 else f"{lo}"
+
     hq = cfg.n_head // tp
     lines = [row("rank", range(W))]
     if tp > 1:
@@ -815,6 +865,7 @@ def layout_picture(layout, cfg):
 def main(argv):
     from config import ConfigError, load_config
     from model import ModelConfig
+
     try:
         (cfg,), _ = load_config(argv or ["config/skywork_moe.toml"], [ModelConfig], ignore_unknown=True)
     except ConfigError as e:
@@ -832,22 +883,28 @@ def main(argv):
         print(layout_picture(layout, cfg))
     n_expert_params = cfg.n_expert * 3 * cfg.n_embd * cfg.expert_hidden  # one MoE layer's experts
     tokens = cfg.block_size  # one sequence per replica and micro-batch
-    print(f"\nMB one rank sends in the forward of one MoE layer, T = {tokens} tokens per replica, D = {cfg.n_embd}, "
-          f"K = {cfg.top_k}, bf16, uniform routing, no drops (the backward sends as much again); the layer's "
-          f"expert gradients: GB one rank sends per step, fp32 ring all-reduce over the ranks holding the same "
-          f"experts\n")
-    print("| world | layout | tp | ep | attention | dispatch + combine | token all-gather | ETP all-reduce | total "
-          "| unsliced total | expert grads per step |")
+    print(
+        f"\nMB one rank sends in the forward of one MoE layer, T = {tokens} tokens per replica, D = {cfg.n_embd}, "
+        f"K = {cfg.top_k}, bf16, uniform routing, no drops (the backward sends as much again); the layer's "
+        f"expert gradients: GB one rank sends per step, fp32 ring all-reduce over the ranks holding the same "
+        f"experts\n"
+    )
+    print(
+        "| world | layout | tp | ep | attention | dispatch + combine | token all-gather | ETP all-reduce | total "
+        "| unsliced total | expert grads per step |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for layout in layouts:
         mb = {w: b / 1e6 for w, _, b in comm_bytes_per_layer(cfg, layout, tokens)}
         unsliced = sum(b for _, _, b in comm_bytes_per_layer(cfg, layout, tokens, sliced=False)) / 1e6
         g, n = expert_gradient_bytes(n_expert_params, layout)
         a2a = mb.get("dispatch all-to-all", 0) + mb.get("combine all-to-all", 0)
-        print(f"| {layout.world_size} | {layout.name} | {layout.tp_size} | {layout.ep_size} "
-              f"| {mb.get('attention all-reduce', 0):.1f} | {a2a:.1f} | {mb.get('token all-gather', 0):.1f} "
-              f"| {mb.get('expert-output all-reduce', 0):.1f} | {sum(mb.values()):.1f} | {unsliced:.1f} "
-              f"| {g / 1e9:.1f} over {n} |")
+        print(
+            f"| {layout.world_size} | {layout.name} | {layout.tp_size} | {layout.ep_size} "
+            f"| {mb.get('attention all-reduce', 0):.1f} | {a2a:.1f} | {mb.get('token all-gather', 0):.1f} "
+            f"| {mb.get('expert-output all-reduce', 0):.1f} | {sum(mb.values()):.1f} | {unsliced:.1f} "
+            f"| {g / 1e9:.1f} over {n} |"
+        )
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ Every failure raises UpcycleError with a message that says what to do, and leave
 Names follow model.py: the dense MLP's w1/w3 (F, D) and w2 (D, F) become Experts.w1/w3 (E, F, D) and
 w2 (E, D, F), so upcycling is a broadcast copy.
 """
+
 import argparse
 import dataclasses
 import glob
@@ -52,8 +53,10 @@ from model import GPT, ModelConfig, expert_similarity
 class UpcycleError(ValueError):
     pass
 
+
 # -----------------------------------------------------------------------------
 # a state dict against the config that claims to describe it
+
 
 def expected_shapes(cfg):
     """{name: shape} of GPT(cfg)'s state dict, from a meta-device model (no memory, any size)."""
@@ -66,11 +69,18 @@ def check_state(state, cfg, what):
     missing, unexpected, wrong = state_mismatches(expected_shapes(cfg), shapes_of(state))
     wrong = [f"{k}: holds {h}, the config implies {w}" for k, h, w in wrong]
     if missing or unexpected or wrong:
-        shown = "; ".join([f"missing {k}" for k in missing[:3]] + [f"unexpected {k}" for k in unexpected[:3]] + wrong[:3])
-        dims = (f"n_layer={cfg.n_layer} n_embd={cfg.n_embd} n_head={cfg.n_head} n_kv_head={cfg.n_kv_head} "
-                f"ffn_hidden={cfg.ffn_hidden} vocab_size={cfg.vocab_size} n_expert={cfg.n_expert}")
-        raise UpcycleError(f"{what}: the weights do not match the config ({dims}): {shown}. "
-                           "The config must describe these weights; was it edited, or taken from another run?")
+        shown = "; ".join(
+            [f"missing {k}" for k in missing[:3]] + [f"unexpected {k}" for k in unexpected[:3]] + wrong[:3]
+        )
+        dims = (
+            f"n_layer={cfg.n_layer} n_embd={cfg.n_embd} n_head={cfg.n_head} n_kv_head={cfg.n_kv_head} "
+            f"ffn_hidden={cfg.ffn_hidden} vocab_size={cfg.vocab_size} n_expert={cfg.n_expert}"
+        )
+        raise UpcycleError(
+            f"{what}: the weights do not match the config ({dims}): {shown}. "
+            "The config must describe these weights; was it edited, or taken from another run?"
+        )
+
 
 # -----------------------------------------------------------------------------
 # dense state -> MoE state (section 3)
@@ -82,19 +92,31 @@ RUN_OPTIONS = ("block_size", "dropout")  # shape-free fields a new run may chang
 def moe_config(dense_cfg, n_expert, top_k, moe_every=1, **moe_options):
     """The MoE config of an upcycled dense config: same shapes, experts as wide as the dense FFN."""
     if dense_cfg.n_expert != 0:
-        raise UpcycleError(f"the source is already an MoE (n_expert={dense_cfg.n_expert}): upcycling starts "
-                           "from a dense model (n_expert=0); train a dense run or import a Llama-format one")
+        raise UpcycleError(
+            f"the source is already an MoE (n_expert={dense_cfg.n_expert}): upcycling starts "
+            "from a dense model (n_expert=0); train a dense run or import a Llama-format one"
+        )
     if n_expert < 1:
         raise UpcycleError(f"n_expert={n_expert}: an upcycled MoE needs n_expert >= 1 (the paper uses 8 or 16)")
     if not 1 <= top_k <= n_expert:
-        raise UpcycleError(f"top_k={top_k} with n_expert={n_expert}: top_k must be in [1, n_expert] "
-                           "(a token cannot visit more experts than there are)")
+        raise UpcycleError(
+            f"top_k={top_k} with n_expert={n_expert}: top_k must be in [1, n_expert] "
+            "(a token cannot visit more experts than there are)"
+        )
     unknown = sorted(set(moe_options) - set(ROUTING_OPTIONS + RUN_OPTIONS))
     if unknown:
-        raise UpcycleError(f"option(s) {unknown} cannot change when upcycling: allowed are "
-                           f"{ROUTING_OPTIONS + RUN_OPTIONS}; shapes always come from the dense model")
-    fields = {**dataclasses.asdict(dense_cfg), "n_expert": n_expert, "top_k": top_k, "moe_every": moe_every,
-              "expert_hidden": dense_cfg.ffn_hidden, **moe_options}
+        raise UpcycleError(
+            f"option(s) {unknown} cannot change when upcycling: allowed are "
+            f"{ROUTING_OPTIONS + RUN_OPTIONS}; shapes always come from the dense model"
+        )
+    fields = {
+        **dataclasses.asdict(dense_cfg),
+        "n_expert": n_expert,
+        "top_k": top_k,
+        "moe_every": moe_every,
+        "expert_hidden": dense_cfg.ffn_hidden,
+        **moe_options,
+    }
     if n_expert == 1 and "gate_norm" not in moe_options:
         fields["gate_norm"] = False  # eq. 6 needs >= 2 logits; one expert has nothing to normalise
     try:
@@ -142,6 +164,7 @@ def upcycle_state(dense_state, dense_cfg, n_expert, top_k, moe_every=1, noise_st
             moe_state[name] = torch.zeros(shape, device=ref.device)
     return moe_state, cfg
 
+
 # -----------------------------------------------------------------------------
 # Llama-format import (config.json + *.safetensors, the Hugging Face layout)
 
@@ -156,7 +179,7 @@ LLAMA_NAMES = [  # Hugging Face name (regex) -> model.py name; the rotate-half R
     (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", "blocks.{}.attn.wk.weight"),
     (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", "blocks.{}.attn.wv.weight"),
     (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", "blocks.{}.attn.wo.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "blocks.{}.ffn.w1.weight"),   # silu branch
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "blocks.{}.ffn.w1.weight"),  # silu branch
     (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "blocks.{}.ffn.w3.weight"),
     (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "blocks.{}.ffn.w2.weight"),
 ]
@@ -167,8 +190,8 @@ def is_llama_dir(path):
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
 
 
-def read_llama_config(path, block_size=None):
-    """config.json -> dense ModelConfig; unsupported variants are refused, never silently approximated."""
+def read_hf_config(path):
+    """A Hugging Face directory's config.json as a dict (UpcycleError if it is not one)."""
     cfg_path = os.path.join(path, "config.json")
     try:
         with open(cfg_path) as f:
@@ -177,10 +200,18 @@ def read_llama_config(path, block_size=None):
         raise UpcycleError(f"{cfg_path} is not a readable JSON file ({e})") from None
     if not isinstance(hf, dict):
         raise UpcycleError(f"{cfg_path} does not hold a JSON object")
+    return hf
+
+
+def read_llama_config(path, block_size=None):
+    """config.json -> dense ModelConfig; unsupported variants are refused, never silently approximated."""
+    hf, cfg_path = read_hf_config(path), os.path.join(path, "config.json")
 
     def refuse(why):
-        raise UpcycleError(f"{path}: unsupported Llama variant: {why}. model.py implements the plain Llama "
-                           "architecture only (SwiGLU, RMSNorm, RoPE without scaling, no biases)")
+        raise UpcycleError(
+            f"{path}: unsupported Llama variant: {why}. model.py implements the plain Llama "
+            "architecture only (SwiGLU, RMSNorm, RoPE without scaling, no biases)"
+        )
 
     if hf.get("model_type") not in LLAMA_MODEL_TYPES:
         refuse(f"model_type={hf.get('model_type')!r}, expected one of {LLAMA_MODEL_TYPES}")
@@ -203,13 +234,17 @@ def read_llama_config(path, block_size=None):
         cfg = ModelConfig(
             vocab_size=int(hf["vocab_size"]),
             block_size=int(block_size or hf.get("max_position_embeddings", 2048)),
-            n_layer=int(hf["num_hidden_layers"]), n_head=n_head, n_kv_head=0 if n_kv == n_head else n_kv,
-            n_embd=n_embd, ffn_hidden=int(hf["intermediate_size"]),
+            n_layer=int(hf["num_hidden_layers"]),
+            n_head=n_head,
+            n_kv_head=0 if n_kv == n_head else n_kv,
+            n_embd=n_embd,
+            ffn_hidden=int(hf["intermediate_size"]),
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),  # LlamaConfig's default: untied
             init_std=float(hf.get("initializer_range", 0.02)),
-            n_expert=0)
+            n_expert=0,
+        )
     except KeyError as e:
         raise UpcycleError(f"{cfg_path} lacks the field {e.args[0]!r} every Llama config has") from None
     except (TypeError, ValueError) as e:
@@ -229,13 +264,17 @@ def llama_shards(path):
         shards = [os.path.join(path, n) for n in names]
         missing = [s for s in shards if not os.path.isfile(s)]
         if missing:
-            raise UpcycleError(f"{path}: shard(s) {[os.path.basename(s) for s in missing]} named in "
-                               f"{os.path.basename(index)} are missing: download the complete checkpoint")
+            raise UpcycleError(
+                f"{path}: shard(s) {[os.path.basename(s) for s in missing]} named in "
+                f"{os.path.basename(index)} are missing: download the complete checkpoint"
+            )
         return shards
     shards = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not shards:
-        raise UpcycleError(f"{path}: no *.safetensors files (PyTorch .bin checkpoints are not read: "
-                           "load and re-save them with safe_serialization=True)")
+        raise UpcycleError(
+            f"{path}: no *.safetensors files (PyTorch .bin checkpoints are not read: "
+            "load and re-save them with safe_serialization=True)"
+        )
     return shards
 
 
@@ -257,6 +296,7 @@ def load_llama(path, dtype=torch.float32, block_size=None):
     twice. dtype: what the weights become (float32 for training here; None keeps the stored dtype).
     block_size: the context length of the runs that follow (default: max_position_embeddings)."""
     from safetensors import safe_open  # imported here: only this path needs it
+
     cfg = read_llama_config(path, block_size)
     state, seen = {}, {}
     for shard in llama_shards(path):
@@ -273,8 +313,9 @@ def load_llama(path, dtype=torch.float32, block_size=None):
         except UpcycleError:
             raise
         except Exception as e:  # truncated header, bad JSON, wrong magic: safetensors raises its own types
-            raise UpcycleError(f"{shard} is not a readable safetensors file ({type(e).__name__}: {e}); "
-                               "re-download it") from None
+            raise UpcycleError(
+                f"{shard} is not a readable safetensors file ({type(e).__name__}: {e}); re-download it"
+            ) from None
     if cfg.tie_embeddings:
         # a tied model stores one matrix; some exports also write lm_head: the embedding is the truth
         if "tok_emb.weight" in state:
@@ -284,8 +325,10 @@ def load_llama(path, dtype=torch.float32, block_size=None):
     check_state(state, cfg, f"Llama checkpoint {path}")
     return state, cfg
 
+
 # -----------------------------------------------------------------------------
 # either kind of dense source
+
 
 def load_dense(source, dtype=None, block_size=None):
     """A checkpoint file of this project, a run directory holding ckpt.pt, or a Llama-format directory
@@ -295,8 +338,10 @@ def load_dense(source, dtype=None, block_size=None):
         return state, cfg, None
     path = os.path.join(source, "ckpt.pt") if os.path.isdir(source) else source
     if os.path.isdir(source) and not os.path.isfile(path):
-        raise UpcycleError(f"{source} is a directory with neither ckpt.pt nor config.json: pass a checkpoint "
-                           "file of this project or a Llama-format directory")
+        raise UpcycleError(
+            f"{source} is a directory with neither ckpt.pt nor config.json: pass a checkpoint "
+            "file of this project or a Llama-format directory"
+        )
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as e:
@@ -312,8 +357,10 @@ def load_dense(source, dtype=None, block_size=None):
         state = {k: v.to(dtype) for k, v in state.items()}
     return state, cfg, ckpt.get("train_config")
 
+
 # -----------------------------------------------------------------------------
 # writing a checkpoint train.py's init_from accepts
+
 
 def model_on_state(state, cfg):
     """GPT(cfg) whose parameters are the tensors of state (train.model_view: meta device, then
@@ -351,15 +398,27 @@ def provenance_train_config(train_config, source):
 @dataclasses.dataclass
 class Upcycled:
     """What upcycle_checkpoint wrote."""
+
     path: str
     config: ModelConfig
-    expert_similarity: list        # per MoE layer, right after upcycling (1.0 without noise)
-    param_counts: dict             # {"total", "active"}
-    dense_train_config: dict       # the dense run's train config (None for a Llama import)
+    expert_similarity: list  # per MoE layer, right after upcycling (1.0 without noise)
+    param_counts: dict  # {"total", "active"}
+    dense_train_config: dict  # the dense run's train config (None for a Llama import)
 
 
-def upcycle_checkpoint(source, out_path, n_expert, top_k, moe_every=1, noise_std=0.0, seed=0,
-                       dtype=None, block_size=None, overwrite=False, **moe_options):
+def upcycle_checkpoint(
+    source,
+    out_path,
+    n_expert,
+    top_k,
+    moe_every=1,
+    noise_std=0.0,
+    seed=0,
+    dtype=None,
+    block_size=None,
+    overwrite=False,
+    **moe_options,
+):
     """Load a dense source (see load_dense), upcycle it (upcycle_state) and write out_path: a checkpoint
     at iteration 0 without optimizer state, for train.py's init_from. n_expert=0 writes the dense model
     as is (a Llama import). Returns an Upcycled record."""
@@ -376,13 +435,19 @@ def upcycle_checkpoint(source, out_path, n_expert, top_k, moe_every=1, noise_std
     write_checkpoint(out_path, model, cfg, provenance_train_config(train_config, source))
     return Upcycled(out_path, cfg, expert_similarity(model), model.param_counts(), train_config)
 
+
 # -----------------------------------------------------------------------------
 # command line
 
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Upcycle a dense checkpoint (ours or Llama-format) into an MoE.")
-    p.add_argument("--from", dest="source", required=True,
-                   help="dense checkpoint file, run directory with ckpt.pt, or Llama-format directory")
+    p.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        help="dense checkpoint file, run directory with ckpt.pt, or Llama-format directory",
+    )
     p.add_argument("--out", required=True, help="output directory (writes OUT/ckpt.pt) or a .pt file path")
     p.add_argument("--n_expert", type=int, required=True, help="experts per MoE layer (0: import only)")
     p.add_argument("--top_k", type=int, default=2)
@@ -395,8 +460,11 @@ def parse_args(argv):
     p.add_argument("--aux_loss", choices=("eq4", "switch", "none"))
     p.add_argument("--aux_free_bias", choices=("true", "false"))
     p.add_argument("--block_size", type=int, help="context length of the runs that follow")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float64"),
-                   help="weights' dtype (default: float32 for Llama imports, as stored for ours)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float64"),
+        help="weights' dtype (default: float32 for Llama imports, as stored for ours)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output checkpoint")
     return p.parse_args(argv)
 
@@ -408,8 +476,18 @@ def main(argv):
     options = {k: (v == "true") if v in ("true", "false") else v for k, v in options.items()}
     try:
         result = upcycle_checkpoint(
-            args.source, out_path, args.n_expert, args.top_k, args.moe_every, args.noise_std, args.seed,
-            getattr(torch, args.dtype) if args.dtype else None, args.block_size, args.overwrite, **options)
+            args.source,
+            out_path,
+            args.n_expert,
+            args.top_k,
+            args.moe_every,
+            args.noise_std,
+            args.seed,
+            getattr(torch, args.dtype) if args.dtype else None,
+            args.block_size,
+            args.overwrite,
+            **options,
+        )
     except UpcycleError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -419,23 +497,31 @@ def main(argv):
     cfg, counts = result.config, result.param_counts
     print(f"wrote {out_path}: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active")
     if not cfg.n_expert:
-        print(f"dense import: n_layer={cfg.n_layer} n_embd={cfg.n_embd} n_head={cfg.n_head} "
-              f"n_kv_head={cfg.kv_heads} vocab_size={cfg.vocab_size}")
+        print(
+            f"dense import: n_layer={cfg.n_layer} n_embd={cfg.n_embd} n_head={cfg.n_head} "
+            f"n_kv_head={cfg.kv_heads} vocab_size={cfg.vocab_size}"
+        )
         return
-    print(f"{cfg.n_expert} experts top-{cfg.top_k} on layers {cfg.moe_layer_ids}; expert similarity "
-          + " ".join(f"{s:.3f}" for s in result.expert_similarity))
+    print(
+        f"{cfg.n_expert} experts top-{cfg.top_k} on layers {cfg.moe_layer_ids}; expert similarity "
+        + " ".join(f"{s:.3f}" for s in result.expert_similarity)
+    )
     if cfg.capacity_factor:
-        print(f"note: capacity_factor={cfg.capacity_factor} drops tokens over capacity, so the MoE equals the "
-              "dense model only where nothing is dropped (--capacity_factor 0 is dropless)")
+        print(
+            f"note: capacity_factor={cfg.capacity_factor} drops tokens over capacity, so the MoE equals the "
+            "dense model only where nothing is dropped (--capacity_factor 0 is dropless)"
+        )
     tc = result.dense_train_config or {}
     peak, floor = tc.get("learning_rate"), tc.get("min_lr")
     rewarm = f"{0.4 * peak:.2g}" if peak else "PEAK"  # the paper re-warmed to 0.4-0.6x the dense peak
     final = f"{floor:.2g}" if floor else "DENSE_FINAL_LR"
     run = f"python train.py --init_from={out_path} --out_dir={os.path.dirname(out_path) or '.'}-run"
-    print("continue training (section 3; a fresh optimizer and schedule), e.g.\n"
-          f"  re-warmed cosine: {run} --lr_schedule=cosine --learning_rate={rewarm} --min_lr={final}\n"
-          f"  constant LR:      {run} --lr_schedule=constant --learning_rate={final} --warmup_iters=0"
-          "   (the paper's worst)")
+    print(
+        "continue training (section 3; a fresh optimizer and schedule), e.g.\n"
+        f"  re-warmed cosine: {run} --lr_schedule=cosine --learning_rate={rewarm} --min_lr={final}\n"
+        f"  constant LR:      {run} --lr_schedule=constant --learning_rate={final} --warmup_iters=0"
+        "   (the paper's worst)"
+    )
     if not peak:
         print("  PEAK: about 0.4-0.6x the dense run's peak LR; DENSE_FINAL_LR: the LR the dense run ended at")
 

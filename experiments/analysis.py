@@ -108,6 +108,7 @@ def peak_and_fall(values, window, where=None):
     peak, final = float(np.nanmax(candidates)), float(s[-1])
     return peak, final, (peak - final) / max(peak - 1.0, 1e-12)
 
+
 # -----------------------------------------------------------------------------
 # statistics over seeds, and the verdict rule
 
@@ -121,7 +122,7 @@ def mean_sd(values):
 
 
 def fmt_ms(values, digits=3, scale=1.0, suffix=""):
-    """"mean ± sd" of a list over seeds (just the value for one seed)."""
+    """ "mean ± sd" of a list over seeds (just the value for one seed)."""
     m, s = mean_sd([None if v is None else v * scale for v in values])
     if math.isnan(m):
         return "n/a"
@@ -166,6 +167,7 @@ def paired(by_variant, key, variant, base, scale=1.0):
     b = {r["seed"]: r[key] for r in by_variant.get(base, [])}
     return [scale * (r[key] - b[r["seed"]]) for r in by_variant.get(variant, []) if r["seed"] in b]
 
+
 # -----------------------------------------------------------------------------
 # tables and files
 
@@ -173,22 +175,30 @@ def paired(by_variant, key, variant, base, scale=1.0):
 def describe_setup(runs):
     """One sentence on the model and run length shared by the runs of a table."""
     k = runs[0].keys
-    moe = (f"{k['n_expert']} experts (hidden {k.get('expert_hidden') or 'dense FFN'}) top-{k['top_k']}, "
-           f"capacity factor {k.get('capacity_factor', 1.25)}" if k.get("n_expert") else "dense")
+    moe = (
+        f"{k['n_expert']} experts (hidden {k.get('expert_hidden') or 'dense FFN'}) top-{k['top_k']}, "
+        f"capacity factor {k.get('capacity_factor', 1.25)}"
+        if k.get("n_expert")
+        else "dense"
+    )
     tokens = k["batch_size"] * k.get("grad_accum", 1) * k["block_size"]
-    return (f"{k['n_layer']} layers x {k['n_embd']} wide, block {k['block_size']}, {moe}; "
-            f"{k['max_iters']} iterations of {tokens:,} tokens ({k['dataset']}); "
-            f"seeds {sorted({r.seed for r in runs})}, mean ± sd over seeds.")
+    return (
+        f"{k['n_layer']} layers x {k['n_embd']} wide, block {k['block_size']}, {moe}; "
+        f"{k['max_iters']} iterations of {tokens:,} tokens ({k['dataset']}); "
+        f"seeds {sorted({r.seed for r in runs})}, mean ± sd over seeds."
+    )
 
 
 def wall_times(runs):
-    """"mean s (min-max), total" of the runs' wall times from their done markers, single-threaded."""
+    """ "mean s (min-max), total" of the runs' wall times from their done markers, single-threaded."""
     walls = []
     for r in runs:
         with open(os.path.join(r.out_dir, r.done_name)) as f:
             walls.append(json.load(f).get("wall_s", float("nan")))
-    return (f"{np.mean(walls):.0f} s on average ({np.min(walls):.0f}-{np.max(walls):.0f} s), "
-            f"{np.sum(walls) / 3600:.2f} CPU-hours in all")
+    return (
+        f"{np.mean(walls):.0f} s on average ({np.min(walls):.0f}-{np.max(walls):.0f} s), "
+        f"{np.sum(walls) / 3600:.2f} CPU-hours in all"
+    )
 
 
 def markdown_table(columns, rows):
@@ -212,6 +222,7 @@ def write_summary(out_dir, stem, title, sections, data):
     with open(json_path, "w") as f:
         json.dump(data, f, indent=1, default=float)
     return md_path, json_path
+
 
 # -----------------------------------------------------------------------------
 # plots (matplotlib's object API: no global backend state, safe inside notebooks and workers)
@@ -263,6 +274,7 @@ def save_figure(fig, path, dpi=72):
     fig.savefig(path, dpi=dpi)
     return path
 
+
 # -----------------------------------------------------------------------------
 # router probes of a trained model, through the project's own checkpoint and data functions
 
@@ -304,8 +316,12 @@ def gate_snapshot(model, x_BL, layer, token=None):
     probs_TE = router_probe(model, x_BL)[layer].probs_TE
     t = probs_TE.shape[0] // 2 if token is None else token
     sorted_TE = probs_TE.sort(dim=-1, descending=True).values
-    return {"token_index": int(t), "token_probs": probs_TE[t].tolist(),
-            "token_sorted": sorted_TE[t].tolist(), "mean_sorted": sorted_TE.mean(0).tolist()}
+    return {
+        "token_index": int(t),
+        "token_probs": probs_TE[t].tolist(),
+        "token_sorted": sorted_TE[t].tolist(),
+        "mean_sorted": sorted_TE.mean(0).tolist(),
+    }
 
 
 def expert_token_counts(model, x_BL, layer, vocab_size):

@@ -52,9 +52,25 @@ def preset_keys(name, **overrides):
 
 
 # the reduced size of the 16-expert GPU presets: the quick-start trunk with their routing
-GPU16_REDUCED = dict(dataset="shakespeare_char", block_size=64, n_layer=4, n_head=4, n_embd=128, expert_hidden=320,
-                     batch_size=16, grad_accum=1, learning_rate=2e-3, min_lr=2e-4, warmup_iters=100,
-                     eval_interval=250, eval_iters=20, device="cpu", dtype="auto", backend="auto", ep_size=1)
+GPU16_REDUCED = dict(
+    dataset="shakespeare_char",
+    block_size=64,
+    n_layer=4,
+    n_head=4,
+    n_embd=128,
+    expert_hidden=320,
+    batch_size=16,
+    grad_accum=1,
+    learning_rate=2e-3,
+    min_lr=2e-4,
+    warmup_iters=100,
+    eval_interval=250,
+    eval_iters=20,
+    device="cpu",
+    dtype="auto",
+    backend="auto",
+    ep_size=1,
+)
 PRESET_RUN = dict(max_iters=1000, log_interval=10, keep_last=0)
 
 
@@ -78,12 +94,18 @@ PRESETS = {
     "preset_gpu16_eq4": ("gpu_node8.toml", dict(GPU16_REDUCED, aux_loss="eq4")),
 }
 VARIANTS.update({name: {} for name in PRESETS})  # their keys come from the preset files (plan below)
-LABELS = {"switch_1e-2": "Switch, α 1e-2", "eq4_1e-2": "eq. 4, α 1e-2",
-          "eq4_matched": f"eq. 4, α {gate_norm.EQ4_MATCHED_ALPHA} (matched)", "no_aux": "no balance loss",
-          "ratio_probe": "gradient-ratio probe (gate_norm arm a, 400 steps)",
-          "preset_quickstart": "config/shakespeare_char.toml", "preset_quickstart_eq4": "… with aux_loss=eq4",
-          "preset_ep2": "config/shakespeare_char_ep2.toml (1 process)",
-          "preset_gpu16": "config/gpu_node8.toml routing at 4x128", "preset_gpu16_eq4": "… with aux_loss=eq4"}
+LABELS = {
+    "switch_1e-2": "Switch, α 1e-2",
+    "eq4_1e-2": "eq. 4, α 1e-2",
+    "eq4_matched": f"eq. 4, α {gate_norm.EQ4_MATCHED_ALPHA} (matched)",
+    "no_aux": "no balance loss",
+    "ratio_probe": "gradient-ratio probe (gate_norm arm a, 400 steps)",
+    "preset_quickstart": "config/shakespeare_char.toml",
+    "preset_quickstart_eq4": "… with aux_loss=eq4",
+    "preset_ep2": "config/shakespeare_char_ep2.toml (1 process)",
+    "preset_gpu16": "config/gpu_node8.toml routing at 4x128",
+    "preset_gpu16_eq4": "… with aux_loss=eq4",
+}
 COLORS = {"switch_1e-2": "tab:blue", "eq4_1e-2": "tab:red", "eq4_matched": "tab:orange", "no_aux": "tab:gray"}
 SCALE_KEYS = {"smoke": dict(expert_hidden=32, max_iters=16), "small": dict(expert_hidden=64, max_iters=2000)}
 MOE_KEYS = dict(n_expert=16, top_k=2, capacity_factor=1.25, moe_every=1)
@@ -151,10 +173,16 @@ def run_numbers(metrics, keys):
     n_layers = an.n_moe_layers(metrics)
     after = it > warm
     per_layer = [float(np.mean(an.step_series(metrics, "drop_rate", i)[1][after])) for i in range(n_layers)]
-    return {"val_loss": metrics["evals"][-1]["val_loss"], "drop_after_warmup": float(np.mean(drop[after])),
-            "drop_after_warmup_worst_layer": max(per_layer), "drop_late": an.tail_mean(drop),
-            "load_cv_late": an.tail_mean(an.step_series(metrics, "load_cv")[1]), "drop_per_layer": per_layer,
-            "aux_loss": keys.get("aux_loss", "default"), "aux_coef_mode": keys.get("aux_coef_mode", "default")}
+    return {
+        "val_loss": metrics["evals"][-1]["val_loss"],
+        "drop_after_warmup": float(np.mean(drop[after])),
+        "drop_after_warmup_worst_layer": max(per_layer),
+        "drop_late": an.tail_mean(drop),
+        "load_cv_late": an.tail_mean(an.step_series(metrics, "load_cv")[1]),
+        "drop_per_layer": per_layer,
+        "aux_loss": keys.get("aux_loss", "default"),
+        "aux_coef_mode": keys.get("aux_coef_mode", "default"),
+    }
 
 
 def summarise(runs, data_dir):
@@ -168,10 +196,16 @@ def summarise(runs, data_dir):
             ratios[run.seed] = gradient_ratio(os.path.join(run.out_dir, "ckpt.pt"), data_dir, run.keys["dataset"])
     flat = [v for rows in ratios.values() for row in rows for v in row]
     geo = float(np.exp(np.mean(np.log(flat)))) if flat else float("nan")
-    return {"variants": by_variant, "gradient_ratio": {"per_seed": ratios, "geometric_mean": geo,
-                                                       "min": min(flat, default=np.nan),
-                                                       "max": max(flat, default=np.nan),
-                                                       "matched_alpha_used": gate_norm.EQ4_MATCHED_ALPHA}}
+    return {
+        "variants": by_variant,
+        "gradient_ratio": {
+            "per_seed": ratios,
+            "geometric_mean": geo,
+            "min": min(flat, default=np.nan),
+            "max": max(flat, default=np.nan),
+            "matched_alpha_used": gate_norm.EQ4_MATCHED_ALPHA,
+        },
+    }
 
 
 def tables(summary):
@@ -180,49 +214,101 @@ def tables(summary):
     for k, rs in v.items():
         if k in PRESETS or k == "ratio_probe":
             continue
-        rows.append([LABELS[k], len(rs), an.fmt_ms([r["drop_after_warmup"] for r in rs], 2, 100, " %"),
-                     an.fmt_ms([r["drop_after_warmup_worst_layer"] for r in rs], 2, 100, " %"),
-                     an.fmt_ms([r["load_cv_late"] for r in rs], 3), an.fmt_ms([r["val_loss"] for r in rs], 4),
-                     an.fmt_seeds([r["drop_after_warmup"] for r in rs], 1, 100)])
-    arms = an.markdown_table(["balance loss (λ = 1, fixed α)", "seeds", "drop after warm-up",
-                              "worst layer's drop after warm-up", "load CV (last 20 %)", "val loss (final)",
-                              "drop % per seed"], rows)
+        rows.append(
+            [
+                LABELS[k],
+                len(rs),
+                an.fmt_ms([r["drop_after_warmup"] for r in rs], 2, 100, " %"),
+                an.fmt_ms([r["drop_after_warmup_worst_layer"] for r in rs], 2, 100, " %"),
+                an.fmt_ms([r["load_cv_late"] for r in rs], 3),
+                an.fmt_ms([r["val_loss"] for r in rs], 4),
+                an.fmt_seeds([r["drop_after_warmup"] for r in rs], 1, 100),
+            ]
+        )
+    arms = an.markdown_table(
+        [
+            "balance loss (λ = 1, fixed α)",
+            "seeds",
+            "drop after warm-up",
+            "worst layer's drop after warm-up",
+            "load CV (last 20 %)",
+            "val loss (final)",
+            "drop % per seed",
+        ],
+        rows,
+    )
     prow = []
     for k in PRESETS:
         for r in v.get(k, []):
             ok = r["drop_after_warmup_worst_layer"] <= DROP_LIMIT
-            prow.append([LABELS[k], f"{r['aux_loss']} / {r['aux_coef_mode']}", f"{100 * r['drop_after_warmup']:.2f} %",
-                         f"{100 * r['drop_after_warmup_worst_layer']:.2f} %", f"{r['load_cv_late']:.3f}",
-                         f"{r['val_loss']:.4f}", "yes" if ok else "**no**"])
-    presets = an.markdown_table(["preset (reduced run)", "aux loss / coefficients", "drop after warm-up",
-                                 "worst layer", "load CV (late)", "val loss",
-                                 f"worst layer <= {DROP_LIMIT:.0%}"], prow)
+            prow.append(
+                [
+                    LABELS[k],
+                    f"{r['aux_loss']} / {r['aux_coef_mode']}",
+                    f"{100 * r['drop_after_warmup']:.2f} %",
+                    f"{100 * r['drop_after_warmup_worst_layer']:.2f} %",
+                    f"{r['load_cv_late']:.3f}",
+                    f"{r['val_loss']:.4f}",
+                    "yes" if ok else "**no**",
+                ]
+            )
+    presets = an.markdown_table(
+        [
+            "preset (reduced run)",
+            "aux loss / coefficients",
+            "drop after warm-up",
+            "worst layer",
+            "load CV (late)",
+            "val loss",
+            f"worst layer <= {DROP_LIMIT:.0%}",
+        ],
+        prow,
+    )
     g = summary["gradient_ratio"]
-    grad = (f"Switch-to-eq. 4 gradient-norm ratio on the gate weights, per (batch, MoE layer), on the "
-            f"ratio_probe models: geometric mean {g['geometric_mean']:.1f} (range {g['min']:.1f}-{g['max']:.1f}; "
-            f"{sum(len(rows) * len(rows[0]) for rows in g['per_seed'].values()) if g['per_seed'] else 0} "
-            f"values). Matched alpha for eq. 4 = 1e-2 x ratio ~ {1e-2 * g['geometric_mean']:.2f}; the runs use "
-            f"{g['matched_alpha_used']} (measured the same way on one seed before the runs).")
+    grad = (
+        f"Switch-to-eq. 4 gradient-norm ratio on the gate weights, per (batch, MoE layer), on the "
+        f"ratio_probe models: geometric mean {g['geometric_mean']:.1f} (range {g['min']:.1f}-{g['max']:.1f}; "
+        f"{sum(len(rows) * len(rows[0]) for rows in g['per_seed'].values()) if g['per_seed'] else 0} "
+        f"values). Matched alpha for eq. 4 = 1e-2 x ratio ~ {1e-2 * g['geometric_mean']:.2f}; the runs use "
+        f"{g['matched_alpha_used']} (measured the same way on one seed before the runs)."
+    )
     return arms, presets, grad
 
 
 def claims(summary):
     v = summary["variants"]
     lines, out = [], []
-    for a, b, what in (("eq4_1e-2", "switch_1e-2", "at equal alpha 1e-2"),
-                       ("eq4_matched", "switch_1e-2", "at matched gradient scale")):
+    for a, b, what in (
+        ("eq4_1e-2", "switch_1e-2", "at equal alpha 1e-2"),
+        ("eq4_matched", "switch_1e-2", "at matched gradient scale"),
+    ):
         if a in v and b in v:
-            for key, scale, digits, unit in (("drop_after_warmup", 100, 2, " points"), ("load_cv_late", 1, 3, ""),
-                                             ("val_loss", 1, 4, "")):
+            for key, scale, digits, unit in (
+                ("drop_after_warmup", 100, 2, " points"),
+                ("load_cv_late", 1, 3, ""),
+                ("val_loss", 1, 4, ""),
+            ):
                 eff = an.paired(v, key, a, b, scale)
                 m, s = an.mean_sd(eff)
                 verdict = an.verdict(eff, +1)
-                out.append({"claim": f"eq. 4 minus Switch {what}: {key}", "effects": eff, "mean": m, "sd": s,
-                            "verdict": verdict})
-                word = {"reproduces": "higher than Switch's beyond the seed spread",
-                        "does not reproduce": "lower than Switch's beyond the seed spread"}.get(verdict, "within the spread")
-                lines.append(f"- eq. 4 minus Switch {what}, {key}: {m:+.{digits}f} ± {s:.{digits}f}{unit} "
-                             f"(seeds: {an.fmt_seeds(eff, digits)}): eq. 4's is {word}.")
+                out.append(
+                    {
+                        "claim": f"eq. 4 minus Switch {what}: {key}",
+                        "effects": eff,
+                        "mean": m,
+                        "sd": s,
+                        "verdict": verdict,
+                    }
+                )
+                word = {
+                    "reproduces": "higher than Switch's beyond the seed spread",
+                    "does not reproduce": "lower than Switch's beyond the seed spread",
+                }
+                word = word.get(verdict, "within the spread")
+                lines.append(
+                    f"- eq. 4 minus Switch {what}, {key}: {m:+.{digits}f} ± {s:.{digits}f}{unit} "
+                    f"(seeds: {an.fmt_seeds(eff, digits)}): eq. 4's is {word}."
+                )
     return "\n".join(lines), out
 
 
@@ -234,8 +320,9 @@ def plot_curves(runs):
         if not ms:
             continue
         kw = dict(label=LABELS[k], color=COLORS[k])
-        an.plot_band(ax[0, 0], [(it, 100 * y) for it, y in (an.step_series(m, "drop_rate") for m in ms)], window=10,
-                     **kw)
+        an.plot_band(
+            ax[0, 0], [(it, 100 * y) for it, y in (an.step_series(m, "drop_rate") for m in ms)], window=10, **kw
+        )
         an.plot_band(ax[0, 1], [an.step_series(m, "load_cv") for m in ms], window=10, **kw)
         an.plot_band(ax[0, 2], [an.eval_series(m, "val_loss") for m in ms], marker=".", ms=2, **kw)
     an.finish_axes(ax, ["drop rate, mean over layers (%)", "load CV, mean over layers", "validation loss"])
@@ -246,20 +333,25 @@ def plot_curves(runs):
 
 
 def report(stages, scale, out, data_dir):
-    runs = runner.all_runs(stages)
-    summary = summarise(runs, data_dir)
-    text, verdicts = claims(summary)
-    summary["claims"] = verdicts
+    runs, summary, text = runner.summarised(stages, summarise, claims, data_dir)
     arms, presets, grad = tables(summary)
     loss_runs = [r for r in runs if r.variant not in PRESETS and r.variant != "ratio_probe"]
-    setup = (an.describe_setup(loss_runs or runs) + " Gate normalization lambda 1, fixed alpha. 'After warm-up' = "
-             f"every logged step past warmup_iters. Presets: {PRESET_RUN['max_iters']} steps, one seed, keys from "
-             f"the config/ files (reduced as listed in the module docstring). Wall time per run: {an.wall_times(runs)}.")
-    sections = [("Setup", setup), ("Gradient scale", grad), ("Equal alpha and matched gradient scale", arms),
-                ("Differences, paired by seed", text),
-                (f"The presets' balance settings (issue 10: no preset may leave > {DROP_LIMIT:.0%} dropped)", presets)]
+    setup = (
+        an.describe_setup(loss_runs or runs) + " Gate normalization lambda 1, fixed alpha. 'After warm-up' = "
+        f"every logged step past warmup_iters. Presets: {PRESET_RUN['max_iters']} steps, one seed, keys from "
+        f"the config/ files (reduced as listed in the module docstring). Wall time per run: "
+        f"{an.wall_times(runs)}."
+    )
+    sections = [
+        ("Setup", setup),
+        ("Gradient scale", grad),
+        ("Equal alpha and matched gradient scale", arms),
+        ("Differences, paired by seed", text),
+        (f"The presets' balance settings (issue 10: no preset may leave > {DROP_LIMIT:.0%} dropped)", presets),
+    ]
     data = {"setup": setup, **summary}
-    return summary, (f"Eq. 4 vs Switch balance loss, scale {scale}", sections, data), {"curves": lambda: plot_curves(runs)}
+    figures = {"curves": lambda: plot_curves(runs)}
+    return summary, (f"Eq. 4 vs Switch balance loss, scale {scale}", sections, data), figures
 
 
 def main(argv=None):

@@ -12,6 +12,7 @@ operation by operation (communication time is left out).
 Read top to bottom: the cost of a layer and of the head, the cost of each stage, the 1F1B schedule and
 its simulation, the bubble, main.
 """
+
 if not __package__:  # run as a script: make the repository importable
     import _repo  # noqa: F401
 
@@ -31,7 +32,7 @@ def layer_flops(cfg, layer_id):
     count, as model.GPT.flops_per_token: 2 matmuls of L x d per head), and the MLP or the router plus
     the top_k active experts. Norms and residual adds are left out (O(D) per token)."""
     D, H, d, L = cfg.n_embd, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
-    proj = 2 * D * (2 * H * d + 2 * cfg.kv_heads * d)       # wq, wo and wk, wv
+    proj = 2 * D * (2 * H * d + 2 * cfg.kv_heads * d)  # wq, wo and wk, wv
     attn = 2 * 2 * L * H * d
     if cfg.is_moe_layer(layer_id):
         ffn = 2 * D * cfg.n_expert + cfg.top_k * 3 * 2 * D * cfg.expert_hidden
@@ -57,6 +58,7 @@ def stage_flops(cfg, split):
     costs[-1] += head_flops(cfg)
     return costs
 
+
 # -----------------------------------------------------------------------------
 # the 1F1B schedule (PipeDream-Flush / Megatron's non-interleaved schedule) and its simulation
 #
@@ -65,6 +67,7 @@ def stage_flops(cfg, split):
 # stage i waits for its forward on stage i - 1, a backward for its backward on stage i + 1. Each
 # operation starts when its stage is free and its input has arrived; with equal stages this gives the
 # textbook (m + p - 1)(f + b) and a bubble of (p - 1) / (m + p - 1).
+
 
 def one_f_one_b(p, m, i):
     """The order of stage i's operations: [("F" | "B", micro-batch)]."""
@@ -115,6 +118,7 @@ def split_bubble(cfg, split, m):
     unit = 3 * layer_flops(cfg, 0)
     return b, makespan / unit, [3 * f / unit for f in fwd]
 
+
 # -----------------------------------------------------------------------------
 # main: the table and the plot
 
@@ -129,12 +133,19 @@ def parse_split(text):
 def main(argv=None):
     from config import ConfigError, load_config
     from model import ModelConfig
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="*", default=["config/skywork_moe.toml", "n_layer=24"],
-                        help="model config (.toml and key=value; default: config/skywork_moe.toml n_layer=24)")
-    parser.add_argument("--splits", nargs="+", type=parse_split,
-                        default=[[4, 5, 5, 5, 5], [5, 5, 5, 5, 4], [6, 6, 6, 6]])
+
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "config",
+        nargs="*",
+        default=["config/skywork_moe.toml", "n_layer=24"],
+        help="model config (.toml and key=value; default: config/skywork_moe.toml n_layer=24)",
+    )
+    parser.add_argument(
+        "--splits", nargs="+", type=parse_split, default=[[4, 5, 5, 5, 5], [5, 5, 5, 5, 4], [6, 6, 6, 6]]
+    )
     parser.add_argument("--microbatches", nargs="+", type=int, default=[4, 8, 16, 32, 64])
     parser.add_argument("--out", default=None, help="write pipeline_bubble.md and pipeline_bubble.png here")
     args = parser.parse_args(argv)
@@ -144,21 +155,35 @@ def main(argv=None):
     except (ConfigError, ValueError) as e:
         sys.exit(f"error: {e}")
     ratio = head_flops(cfg) / layer_flops(cfg, 0)
-    title = (f"1F1B bubble, {cfg.n_layer} layers of D={cfg.n_embd}, E={cfg.n_expert} top-{cfg.top_k}, "
-             f"V={cfg.vocab_size}, L={cfg.block_size}: lm_head + loss = {ratio:.2f} layers of FLOPs")
+    title = (
+        f"1F1B bubble, {cfg.n_layer} layers of D={cfg.n_embd}, E={cfg.n_expert} top-{cfg.top_k}, "
+        f"V={cfg.vocab_size}, L={cfg.block_size}: lm_head + loss = {ratio:.2f} layers of FLOPs"
+    )
     header = "| split | stages | stage cost (layers) | " + " | ".join(f"bubble m={m}" for m in args.microbatches)
     lines = [title, "", header + " |", "|---|---|---|" + "---|" * len(args.microbatches)]
     for s in args.splits:
         costs = rows[(tuple(s), args.microbatches[0])][2]
-        lines.append(f"| {s} | {len(s)} | {', '.join(f'{c:.2f}' for c in costs)} | "
-                     + " | ".join(f"{100 * rows[(tuple(s), m)][0]:.1f} %" for m in args.microbatches) + " |")
+        lines.append(
+            f"| {s} | {len(s)} | {', '.join(f'{c:.2f}' for c in costs)} | "
+            + " | ".join(f"{100 * rows[(tuple(s), m)][0]:.1f} %" for m in args.microbatches)
+            + " |"
+        )
     base = args.splits[0]
-    lines += ["", f"Throughput per device relative to {base} (= (1 - bubble) / (1 - its bubble)):", "",
-              "| split | " + " | ".join(f"m={m}" for m in args.microbatches) + " |",
-              "|---|" + "---|" * len(args.microbatches)]
+    lines += [
+        "",
+        f"Throughput per device relative to {base} (= (1 - bubble) / (1 - its bubble)):",
+        "",
+        "| split | " + " | ".join(f"m={m}" for m in args.microbatches) + " |",
+        "|---|" + "---|" * len(args.microbatches),
+    ]
     for s in args.splits[1:]:
-        lines.append(f"| {s} | " + " | ".join(
-            f"{(1 - rows[(tuple(s), m)][0]) / (1 - rows[(tuple(base), m)][0]):.3f}" for m in args.microbatches) + " |")
+        lines.append(
+            f"| {s} | "
+            + " | ".join(
+                f"{(1 - rows[(tuple(s), m)][0]) / (1 - rows[(tuple(base), m)][0]):.3f}" for m in args.microbatches
+            )
+            + " |"
+        )
     table = "\n".join(lines)
     print(table)
     if args.out:
@@ -166,11 +191,13 @@ def main(argv=None):
         with open(os.path.join(args.out, "pipeline_bubble.md"), "w") as f:
             f.write(table + "\n")
         from matplotlib.figure import Figure  # the object API: no global backend state
+
         fig = Figure(figsize=(5.0, 3.4), layout="constrained")
         ax = fig.subplots()
         for s in args.splits:
-            ax.plot(args.microbatches, [100 * rows[(tuple(s), m)][0] for m in args.microbatches], marker="o",
-                    label=str(s))
+            ax.plot(
+                args.microbatches, [100 * rows[(tuple(s), m)][0] for m in args.microbatches], marker="o", label=str(s)
+            )
         ax.set_xscale("log", base=2)
         ax.set_xticks(args.microbatches, [str(m) for m in args.microbatches])
         ax.set_xlabel("micro-batches per step (m)")

@@ -46,19 +46,56 @@ FULL_EP_SIZE = 8  # experts sharded over the 8 GPUs of a node (train.py's ep_siz
 
 BASE = {
     # every code path in seconds: 2 layers, 32 wide, 16 steps
-    "smoke": dict(dataset="shakespeare_char", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8,
-                  max_iters=16, warmup_iters=2, eval_interval=8, eval_iters=2, log_interval=2,
-                  learning_rate=2e-3, min_lr=2e-4, device="cpu"),
+    "smoke": dict(
+        dataset="shakespeare_char",
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        block_size=32,
+        batch_size=8,
+        max_iters=16,
+        warmup_iters=2,
+        eval_interval=8,
+        eval_iters=2,
+        log_interval=2,
+        learning_rate=2e-3,
+        min_lr=2e-4,
+        device="cpu",
+    ),
     # the long CPU studies: a model small enough that 5,000 steps take minutes on one core (measured
     # ~40 steps/s single-threaded), so 3 seeds of every arm fit in a few CPU-hours
-    "small": dict(dataset="shakespeare_char", n_layer=3, n_head=2, n_embd=64, block_size=32, batch_size=16,
-                  max_iters=5000, warmup_iters=100, eval_interval=250, eval_iters=10, log_interval=10,
-                  learning_rate=2e-3, min_lr=2e-4, keep_last=0, device="cpu"),
+    "small": dict(
+        dataset="shakespeare_char",
+        n_layer=3,
+        n_head=2,
+        n_embd=64,
+        block_size=32,
+        batch_size=16,
+        max_iters=5000,
+        warmup_iters=100,
+        eval_interval=250,
+        eval_iters=10,
+        log_interval=10,
+        learning_rate=2e-3,
+        min_lr=2e-4,
+        keep_last=0,
+        device="cpu",
+    ),
     # FineWeb GPT-2 BPE (data/fineweb/prepare.py); batch_size is the global micro-batch (split over
     # ranks by train.py): 128 x 1024 x 4 = 524,288 tokens per step
-    "full": dict(dataset="fineweb", block_size=1024, batch_size=128, grad_accum=4, warmup_iters=700,
-                 eval_interval=1000, eval_iters=40, log_interval=10, learning_rate=6e-4, min_lr=6e-5,
-                 dtype="bfloat16"),
+    "full": dict(
+        dataset="fineweb",
+        block_size=1024,
+        batch_size=128,
+        grad_accum=4,
+        warmup_iters=700,
+        eval_interval=1000,
+        eval_iters=40,
+        log_interval=10,
+        learning_rate=6e-4,
+        min_lr=6e-5,
+        dtype="bfloat16",
+    ),
 }
 
 
@@ -72,14 +109,24 @@ def preset(scale, **overrides):
 
 
 def make_parser(exp):
-    p = argparse.ArgumentParser(prog=f"python -m experiments.{exp.EXPERIMENT}",
-                                description=exp.__doc__.strip().splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scale", choices=SCALES, default="smoke",
-                   help="smoke: seconds (tests); small: the CPU study; full: torchrun on GPUs")
-    p.add_argument("--seeds", type=int, default=None,
-                   help=f"repeats with seeds {FIRST_SEED}, {FIRST_SEED + 1}, ... (default: "
-                        f"{getattr(exp, 'DEFAULT_SEEDS', 3)} at small scale, 1 otherwise)")
+    p = argparse.ArgumentParser(
+        prog=f"python -m experiments.{exp.EXPERIMENT}",
+        description=exp.__doc__.strip().splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--scale",
+        choices=SCALES,
+        default="smoke",
+        help="smoke: seconds (tests); small: the CPU study; full: torchrun on GPUs",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help=f"repeats with seeds {FIRST_SEED}, {FIRST_SEED + 1}, ... (default: "
+        f"{getattr(exp, 'DEFAULT_SEEDS', 3)} at small scale, 1 otherwise)",
+    )
     p.add_argument("--out", default=None, help="run directory (default: runs/<experiment>/<scale>)")
     p.add_argument("--data_dir", default=os.path.join(REPO, "data"), help="holds <dataset>/train.bin etc.")
     p.add_argument("--jobs", type=int, default=1, help="training runs at a time (CPU scales)")
@@ -88,8 +135,9 @@ def make_parser(exp):
     p.add_argument("--analyse-only", action="store_true", help="only rebuild tables and plots from finished runs")
     p.add_argument("--dry-run", action="store_true", help="print the plan (and torchrun commands), run nothing")
     p.add_argument("--nproc", type=int, default=GPUS_PER_NODE, help="GPUs per node for --scale full")
-    p.add_argument("--max_iters", type=int, default=None,
-                   help="override the run length; results go to <experiment>_<scale>_<N>it")
+    p.add_argument(
+        "--max_iters", type=int, default=None, help="override the run length; results go to <experiment>_<scale>_<N>it"
+    )
     p.add_argument("--variants", default=None, help="comma-separated subset of the variants to run")
     p.add_argument("--publish", action="store_true", help="copy the tables and plots to experiments/results/")
     return p
@@ -109,8 +157,10 @@ def parse_args(exp, argv):
     if args.dry_run and args.scale != "full":
         parser.error("--dry-run prints the full-scale plan: use it with --scale full")
     if args.scale == "full" and args.nproc % FULL_EP_SIZE:
-        parser.error(f"--nproc {args.nproc}: the full-scale jobs shard experts over ep_size={FULL_EP_SIZE} "
-                     f"ranks, so use a multiple of {FULL_EP_SIZE} GPUs")
+        parser.error(
+            f"--nproc {args.nproc}: the full-scale jobs shard experts over ep_size={FULL_EP_SIZE} "
+            f"ranks, so use a multiple of {FULL_EP_SIZE} GPUs"
+        )
     names = list(exp.VARIANTS)
     args.chosen = args.variants.split(",") if args.variants else list(getattr(exp, "DEFAULT_VARIANTS", names))
     unknown = sorted(set(args.chosen) - set(names))
@@ -164,8 +214,11 @@ def grid(variants, seeds, root, common_keys):
     """Runs for every (seed, variant); variants: {name: keys}. The same seeds (hence the same init where
     the shapes agree, and the same data order) for every variant; seed-major, so an interrupted grid
     has whole seeds of every variant rather than every seed of a few."""
-    return [Run(name, seed, os.path.join(root, f"{name}_s{seed}"), {**common_keys, **keys})
-            for seed in seeds for name, keys in variants.items()]
+    return [
+        Run(name, seed, os.path.join(root, f"{name}_s{seed}"), {**common_keys, **keys})
+        for seed in seeds
+        for name, keys in variants.items()
+    ]
 
 
 def grid_plan(exp, scale, seeds, root, data_dir, max_iters=None):
@@ -180,6 +233,15 @@ def grid_plan(exp, scale, seeds, root, data_dir, max_iters=None):
 
 def all_runs(stages):
     return [r for stage in stages if isinstance(stage, list) for r in stage]
+
+
+def summarised(stages, summarise, claims, *args):
+    """A study's runs, its summary (summarise(runs, *args), with the verdicts under "claims") and the
+    claims' text: the start of every report()."""
+    runs = all_runs(stages)
+    summary = summarise(runs, *args)
+    text, summary["claims"] = claims(summary)
+    return runs, summary, text
 
 
 def is_done(run):
@@ -203,6 +265,8 @@ def claim(run):
             try:
                 with open(lock) as f:
                     pid = int(f.read().strip() or 0)
+                if pid <= 0:
+                    raise ValueError("empty lock")  # its writer died before writing its pid
                 os.kill(pid, 0)
                 return pid == os.getpid()
             except (ValueError, ProcessLookupError):
@@ -240,8 +304,13 @@ def run_one(run, threads=1, isolate=False):
     if isolate:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         with open(log_path, "a") as log:
-            rc = subprocess.call([sys.executable, os.path.join(REPO, "train.py"), *argv], cwd=REPO, env=env,
-                                 stdout=log, stderr=subprocess.STDOUT)
+            rc = subprocess.call(
+                [sys.executable, os.path.join(REPO, "train.py"), *argv],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         if rc != 0:
             raise RuntimeError(f"{run.name}: train.py exited with {rc}; see {log_path}")
     else:
@@ -275,8 +344,10 @@ def run_all(runs, jobs=1, threads=1, force=False, isolate=False, log=print):
             log(f"  {r.name}: another driver is running it", flush=True)
             return
         try:
-            log(f"  {r.name}: {'resuming' if 'init_from=resume' in job_argv(r) else 'running'} ({r.out_dir})",
-                flush=True)
+            log(
+                f"  {r.name}: {'resuming' if 'init_from=resume' in job_argv(r) else 'running'} ({r.out_dir})",
+                flush=True,
+            )
             log(f"  {r.name}: {run_one(r, threads, isolate or jobs > 1):.0f} s", flush=True)
         except Exception as e:  # one job's failure (its log has the details) must not stop the others
             failed.append(r.name)
@@ -316,8 +387,9 @@ def load_job_config(keys, vocab_size=None):
     from model import ModelConfig
     from train import TrainConfig
 
-    (model_cfg, train_cfg), _ = load_config([f"{k}={format_value(v)}" for k, v in keys.items()],
-                                            [ModelConfig, TrainConfig])
+    (model_cfg, train_cfg), _ = load_config(
+        [f"{k}={format_value(v)}" for k, v in keys.items()], [ModelConfig, TrainConfig]
+    )
     if vocab_size is not None:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_size)
     return model_cfg, train_cfg
@@ -365,8 +437,10 @@ def print_plan(exp, stages, nproc, vocab_size, log=print):
     estimated GPU-hours, and the command; exp.PAPER_TOKENS (optional) is the paper's run length."""
     title = exp.__doc__.strip().splitlines()[0]
     log(f"# {exp.EXPERIMENT}, full scale: {title}")
-    log(f"# throughput assumption: {GPU_NAME}, {GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 peak at {GPU_MFU:.0%} MFU; "
-        "FLOPs/token = model.flops_per_token() (PaLM appendix B)")
+    log(
+        f"# throughput assumption: {GPU_NAME}, {GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 peak at {GPU_MFU:.0%} MFU; "
+        "FLOPs/token = model.flops_per_token() (PaLM appendix B)"
+    )
     for line in getattr(exp, "PLAN_NOTES", ()):
         log(f"# {line}")
     rows, reached = [], {}  # reached: out_dir -> iterations trained there (a resumed job only adds the rest)
@@ -396,10 +470,12 @@ def print_plan(exp, stages, nproc, vocab_size, log=print):
         paper = exp.paper_tokens(run) if hasattr(exp, "paper_tokens") else None
         frac = f" = {tokens / paper:.1%} of the paper's {paper / 1e9:.0f}B" if paper else ""
         cost = f"; cost {flops / cost_c:.2f} C (C = the {unit} run's FLOPs)" if cost_c else ""
-        log(f"## {run.name}: params {acc['total']:,} total / {acc['active']:,} active; "
+        log(
+            f"## {run.name}: params {acc['total']:,} total / {acc['active']:,} active; "
             f"{tokens / 1e9:.2f}B tokens{frac} ({run.keys['max_iters'] - start:,} steps x "
             f"{tokens_per_step(run.keys):,}{f', resuming at step {start:,}' if start else ''}){cost}; "
-            f"~{tok_s:,.0f} tokens/s/GPU -> {h:,.0f} GPU-hours ({h / nproc:,.1f} h on {nproc} GPUs)")
+            f"~{tok_s:,.0f} tokens/s/GPU -> {h:,.0f} GPU-hours ({h / nproc:,.1f} h on {nproc} GPUs)"
+        )
         log(torchrun_command(run, nproc))
     log(f"# total: {total_h:,.0f} GPU-hours ({total_h / nproc:,.1f} h on one {nproc}-GPU node)")
     return total_h
@@ -454,8 +530,10 @@ def main(exp, argv=None):
             os.chdir(REPO)
     plan = getattr(exp, "plan", None) or (lambda *a: grid_plan(exp, *a))
     every = plan(args.scale, seed_list(args.seeds), out, args.data_dir, args.max_iters)
-    stages = [[r for r in st if r.variant in args.chosen or r.variant not in exp.VARIANTS]
-              if isinstance(st, list) else st for st in every]
+    stages = [
+        [r for r in st if r.variant in args.chosen or r.variant not in exp.VARIANTS] if isinstance(st, list) else st
+        for st in every
+    ]
     if args.dry_run:
         dataset = all_runs(stages)[0].keys["dataset"]
         print_plan(exp, stages, args.nproc, read_vocab_size(args.data_dir, dataset))
@@ -473,8 +551,10 @@ def main(exp, argv=None):
             else:
                 failed = run_all(stage, args.jobs, args.threads, args.force, isolate=args.scale == "small")
                 if failed:
-                    sys.exit(f"error: {len(failed)} jobs failed ({', '.join(failed)}): see their train.log; "
-                             "the same command resumes them")
+                    sys.exit(
+                        f"error: {len(failed)} jobs failed ({', '.join(failed)}): see their train.log; "
+                        "the same command resumes them"
+                    )
     # the report covers every finished run of the plan, also those of variants not chosen this time
     done = finished(every if args.variants is None and not args.force else stages)
     if not all_runs(done):

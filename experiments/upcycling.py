@@ -22,6 +22,7 @@ Writes under --out (default runs/upcycling/<scale>/): dense_s<seed>/ (ckpt_D3.pt
 upcycled initial checkpoints, one directory per MoE run, upcycling_<scale>.md / .json and
 upcycling_<scale>_curves.png.
 """
+
 if not __package__:  # run as a script: make the repository importable
     import _repo  # noqa: F401
 
@@ -34,24 +35,33 @@ from experiments import analysis as an
 from experiments import runner
 
 EXPERIMENT = "upcycling"
-DENSE_SEED_OFFSET = 1000   # the dense run draws other data windows than the MoE runs that follow it
+DENSE_SEED_OFFSET = 1000  # the dense run draws other data windows than the MoE runs that follow it
 
 # -----------------------------------------------------------------------------
 # sizes and schedules
 
 # D, the dense run's length in iterations (tokens = D x tokens per step); budgets D/3 and D
-DENSE_ITERS = {"smoke": 12, "small": 300, "full": 57000}   # full: 57,000 x 524,288 = 30B tokens
+DENSE_ITERS = {"smoke": 12, "small": 300, "full": 57000}  # full: 57,000 x 524,288 = 30B tokens
 PAPER_DENSE_TOKENS = 300e9  # D in the paper; its MoE budgets are D/3 = 100B and D = 300B
 SCALE_KEYS = {
     "smoke": dict(eval_interval=4, warmup_iters=1),
     # the quick-start shape of the committed results (results/upcycling_small*.md)
-    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, warmup_iters=30, eval_interval=50,
-                  eval_iters=10, log_interval=5),
+    "small": dict(
+        n_layer=4,
+        n_head=4,
+        n_embd=128,
+        block_size=64,
+        batch_size=16,
+        warmup_iters=30,
+        eval_interval=50,
+        eval_iters=10,
+        log_interval=5,
+    ),
     # the paper's 0.3B dense model: 16 layers x 1024 = 0.305B parameters in all with the GPT-2 vocabulary
     # (0.20B without the two embedding matrices)
     "full": dict(n_layer=16, n_head=16, n_embd=1024, eval_interval=1000),
 }
-LR = dict(learning_rate=3e-3, min_lr=3e-4)                 # the dense run and from-scratch MoEs
+LR = dict(learning_rate=3e-3, min_lr=3e-4)  # the dense run and from-scratch MoEs
 MOE_ROUTING = dict(capacity_factor=1.25, gate_norm=True, gate_lambda=1.0, aux_loss="switch")
 MOE_KEYS = dict(n_expert=8, top_k=2, moe_every=1, expert_hidden=0, **MOE_ROUTING)
 
@@ -59,13 +69,23 @@ MOE_KEYS = dict(n_expert=8, top_k=2, moe_every=1, expert_hidden=0, **MOE_ROUTING
 MOE_RUNS = [
     ("scratch_D3", "D/3", "scratch", dict(learning_rate=3e-3), "from scratch, peak 3e-3"),
     ("up_D3_lr1.8e-3", "D/3", "D/3", dict(learning_rate=1.8e-3), "upcycled from ckpt D/3, peak 1.8e-3"),
-    ("up_D_const3e-4", "D", "D", dict(learning_rate=3e-4, lr_schedule="constant", warmup_iters=0),
-     "upcycled from ckpt D, constant 3e-4"),
+    (
+        "up_D_const3e-4",
+        "D",
+        "D",
+        dict(learning_rate=3e-4, lr_schedule="constant", warmup_iters=0),
+        "upcycled from ckpt D, constant 3e-4",
+    ),
     ("scratch_D", "D", "scratch", dict(learning_rate=3e-3), "from scratch, peak 3e-3"),
     ("up_D_lr1.2e-3", "D", "D", dict(learning_rate=1.2e-3), "upcycled from ckpt D, peak 1.2e-3"),
 ]
-COLORS = {"scratch_D3": "tab:gray", "up_D3_lr1.8e-3": "tab:blue", "up_D_const3e-4": "tab:red",
-          "scratch_D": "k", "up_D_lr1.2e-3": "tab:green"}
+COLORS = {
+    "scratch_D3": "tab:gray",
+    "up_D3_lr1.8e-3": "tab:blue",
+    "up_D_const3e-4": "tab:red",
+    "scratch_D": "k",
+    "up_D_lr1.2e-3": "tab:green",
+}
 # PAPER.md section 5 (budgets 100B / 300B tokens; ~ read off the figure): final loss, similarity
 PAPER = {
     ("D/3", "scratch_D3"): ("~2.265", "~0"),
@@ -79,9 +99,11 @@ PAPER_DENSE = "~2.44"
 VARIANTS = {name: keys for name, _, _, keys, _ in MOE_RUNS}
 DEFAULT_SEEDS = 1
 COST_UNIT = "dense"  # --dry-run states every budget as a fraction of the dense run's cost
-PLAN_NOTES = ("Smaller than the paper: D = 30B tokens against 300B (a tenth, to fit ~300 GPU-hours instead of ~3,000); "
-              "the budgets keep the paper's token ratios D/3 and D. The paper prices them at ~2/3 C and ~2 C (C = the "
-              "dense run's cost); by model.flops_per_token() they cost 0.49 C and 1.47 C here.",)
+PLAN_NOTES = (
+    "Smaller than the paper: D = 30B tokens against 300B (a tenth, to fit ~300 GPU-hours instead of ~3,000); "
+    "the budgets keep the paper's token ratios D/3 and D. The paper prices them at ~2/3 C and ~2 C (C = the "
+    "dense run's cost); by model.flops_per_token() they cost 0.49 C and 1.47 C here.",
+)
 
 
 def paper_tokens(run):
@@ -95,8 +117,10 @@ def paper_tokens(run):
 def budget_iters(D, budget):
     return D // 3 if budget == "D/3" else D
 
+
 # -----------------------------------------------------------------------------
 # the plan: dense to D/3, keep it, dense on to D, upcycle both, then the MoE runs
+
 
 def plan(scale, seeds, root, data_dir, max_iters=None):
     D = max_iters or DENSE_ITERS[scale]
@@ -109,11 +133,22 @@ def plan(scale, seeds, root, data_dir, max_iters=None):
         dense_dir = os.path.join(root, f"dense_s{seed}")
         # phase 1 stops at D/3 on the D-long cosine (lr_decay_iters=D), phase 2 resumes it to D:
         # one uninterrupted schedule, with the D/3 checkpoint kept on the way
-        phase1.append(runner.Run("dense", seed + DENSE_SEED_OFFSET, dense_dir, dict(dense_keys, max_iters=D // 3),
-                                 done_name="done_D3.json"))
-        phase2.append(runner.Run("dense", seed + DENSE_SEED_OFFSET, dense_dir,
-                                 dict(dense_keys, max_iters=D, init_from="resume")))
-        inits = {"D/3": os.path.join(root, f"init_from_D3_s{seed}.pt"), "D": os.path.join(root, f"init_from_D_s{seed}.pt")}
+        phase1.append(
+            runner.Run(
+                "dense",
+                seed + DENSE_SEED_OFFSET,
+                dense_dir,
+                dict(dense_keys, max_iters=D // 3),
+                done_name="done_D3.json",
+            )
+        )
+        phase2.append(
+            runner.Run("dense", seed + DENSE_SEED_OFFSET, dense_dir, dict(dense_keys, max_iters=D, init_from="resume"))
+        )
+        inits = {
+            "D/3": os.path.join(root, f"init_from_D3_s{seed}.pt"),
+            "D": os.path.join(root, f"init_from_D_s{seed}.pt"),
+        }
         d3_ckpt = os.path.join(dense_dir, "ckpt_D3.pt")
         upcycle_steps.append(keep_checkpoint_step(os.path.join(dense_dir, "ckpt.pt"), d3_ckpt))
         upcycle_steps.append(upcycle_step(d3_ckpt, inits["D/3"], seed))
@@ -133,6 +168,7 @@ def keep_checkpoint_step(src, dst):
     def fn():
         if not os.path.exists(dst):
             shutil.copy(src, dst)
+
     return runner.Step(f"keep the D/3 checkpoint: {dst}", fn, f"cp {src} {dst}")
 
 
@@ -141,15 +177,22 @@ def upcycle_step(src, dst, seed):
 
     def fn():
         from upcycle import upcycle_checkpoint
+
         if not os.path.exists(dst) or os.path.getmtime(dst) < os.path.getmtime(src):
             upcycle_checkpoint(src, dst, MOE_KEYS["n_expert"], MOE_KEYS["top_k"], seed=seed, overwrite=True, **opts)
+
     cli = " ".join(f"--{k} {runner.format_value(v)}" for k, v in opts.items())
-    return runner.Step(f"upcycle {src} -> {dst}", fn,
-                       f"python upcycle.py --from {src} --n_expert {MOE_KEYS['n_expert']} --top_k {MOE_KEYS['top_k']} "
-                       f"--seed {seed} {cli} --out {dst} --overwrite")
+    return runner.Step(
+        f"upcycle {src} -> {dst}",
+        fn,
+        f"python upcycle.py --from {src} --n_expert {MOE_KEYS['n_expert']} --top_k {MOE_KEYS['top_k']} "
+        f"--seed {seed} {cli} --out {dst} --overwrite",
+    )
+
 
 # -----------------------------------------------------------------------------
 # analysis
+
 
 def val_at(metrics, it):
     """Validation loss at iteration `it` (the nearest eval at or before it)."""
@@ -168,18 +211,26 @@ def summarise(stages):
     dense = {r.seed: r for r in runs if r.variant == "dense"}  # the phase-2 run (same out_dir) wins
     D = max(r.keys["max_iters"] for r in runs if r.variant == "dense")
     moe = [r for r in runs if r.variant != "dense"]
-    dense_loss = {seed - DENSE_SEED_OFFSET: an.read_metrics(r.out_dir)["evals"][-1]["val_loss"]
-                  for seed, r in dense.items()}
+    dense_loss = {
+        seed - DENSE_SEED_OFFSET: an.read_metrics(r.out_dir)["evals"][-1]["val_loss"] for seed, r in dense.items()
+    }
     rows = {}
     for name, budget, source, _, label in MOE_RUNS:
-        for b in (["D/3", "D"] if name == "up_D_const3e-4" else [budget]):
+        for b in ["D/3", "D"] if name == "up_D_const3e-4" else [budget]:
             recs = []
             for r in (r for r in moe if r.variant == name):
                 m = an.read_metrics(r.out_dir)
                 upto = D // 3 if b == "D/3" else D
                 s0, s1 = similarity(m, upto)
-                recs.append({"seed": r.seed, "val_loss": val_at(m, upto), "similarity_start": s0,
-                             "similarity_end": s1, "iters": upto})
+                recs.append(
+                    {
+                        "seed": r.seed,
+                        "val_loss": val_at(m, upto),
+                        "similarity_start": s0,
+                        "similarity_end": s1,
+                        "iters": upto,
+                    }
+                )
             rows[f"{b}|{name}"] = {"budget": b, "name": name, "label": label, "source": source, "runs": recs}
     return {"dense_val_loss": dense_loss, "rows": rows}
 
@@ -189,20 +240,37 @@ def table(summary):
     for key, row in summary["rows"].items():
         rs = row["runs"]
         paper_loss, paper_sim = PAPER[(row["budget"], row["name"])]
-        sim = (f"{an.fmt_ms([r['similarity_start'] for r in rs], digits=2)} → "
-               f"{an.fmt_ms([r['similarity_end'] for r in rs], digits=2)}")
-        out.append([row["budget"], row["label"], an.fmt_ms([r["val_loss"] for r in rs]), sim,
-                    paper_loss, paper_sim])
-    out.append(["-", "dense reference (D tokens)", an.fmt_ms(list(summary["dense_val_loss"].values())),
-                "-", PAPER_DENSE, "-"])
-    return an.markdown_table(["MoE budget", "run", "val loss (end of budget)", "expert similarity (start → end)",
-                                  "paper: final loss", "paper: similarity"], out)
+        sim = (
+            f"{an.fmt_ms([r['similarity_start'] for r in rs], digits=2)} → "
+            f"{an.fmt_ms([r['similarity_end'] for r in rs], digits=2)}"
+        )
+        out.append([row["budget"], row["label"], an.fmt_ms([r["val_loss"] for r in rs]), sim, paper_loss, paper_sim])
+    out.append(
+        ["-", "dense reference (D tokens)", an.fmt_ms(list(summary["dense_val_loss"].values())), "-", PAPER_DENSE, "-"]
+    )
+    return an.markdown_table(
+        [
+            "MoE budget",
+            "run",
+            "val loss (end of budget)",
+            "expert similarity (start → end)",
+            "paper: final loss",
+            "paper: similarity",
+        ],
+        out,
+    )
+
 
 def claims(summary):
     rows = summary["rows"]
     loss = {k: an.mean_sd([r["val_loss"] for r in row["runs"]])[0] for k, row in rows.items()}
-    sim = {k: (an.mean_sd([r["similarity_start"] for r in row["runs"]])[0],
-               an.mean_sd([r["similarity_end"] for r in row["runs"]])[0]) for k, row in rows.items()}
+    sim = {
+        k: (
+            an.mean_sd([r["similarity_start"] for r in row["runs"]])[0],
+            an.mean_sd([r["similarity_end"] for r in row["runs"]])[0],
+        )
+        for k, row in rows.items()
+    }
     lines = []
     for b in ("D/3", "D"):
         keys = [k for k in rows if rows[k]["budget"] == b]
@@ -210,23 +278,31 @@ def claims(summary):
         ups = [k for k in keys if rows[k]["source"] != "scratch"]
         best = min(ups, key=loss.get)
         gap = loss[scratch] - loss[best]
-        lines.append(f"- budget {b}: from scratch {loss[scratch]:.4f} vs best upcycled ({rows[best]['label']}) "
-                     f"{loss[best]:.4f}: {'upcycling wins' if gap > 0 else 'scratch wins or ties'} by {abs(gap):.4f}.")
+        lines.append(
+            f"- budget {b}: from scratch {loss[scratch]:.4f} vs best upcycled ({rows[best]['label']}) "
+            f"{loss[best]:.4f}: {'upcycling wins' if gap > 0 else 'scratch wins or ties'} by {abs(gap):.4f}."
+        )
         most_similar = max(ups, key=lambda k: sim[k][1])
         worst = max(ups, key=loss.get)
-        lines.append(f"- budget {b}: most similar upcycled run at the end is {rows[most_similar]['label']} "
-                     f"({sim[most_similar][1]:.3f}); worst upcycled run is {rows[worst]['label']} "
-                     f"({loss[worst]:.4f}) -> {'same run' if most_similar == worst else 'different runs'}.")
+        lines.append(
+            f"- budget {b}: most similar upcycled run at the end is {rows[most_similar]['label']} "
+            f"({sim[most_similar][1]:.3f}); worst upcycled run is {rows[worst]['label']} "
+            f"({loss[worst]:.4f}) -> {'same run' if most_similar == worst else 'different runs'}."
+        )
     for k, row in rows.items():
         if row["source"] != "scratch":
             lines.append(f"- similarity {row['label']} ({row['budget']}): {sim[k][0]:.3f} -> {sim[k][1]:.3f}.")
     dense = an.mean_sd(list(summary["dense_val_loss"].values()))[0]
-    lines.append(f"- dense reference after D tokens: {dense:.4f}; every MoE run below it: "
-                 f"{'yes' if all(v < dense for v in loss.values()) else 'no'}.")
+    lines.append(
+        f"- dense reference after D tokens: {dense:.4f}; every MoE run below it: "
+        f"{'yes' if all(v < dense for v in loss.values()) else 'no'}."
+    )
     return "\n".join(lines)
+
 
 # -----------------------------------------------------------------------------
 # plot: Fig. 1 (loss curves of both budgets, dense reference, expert similarity)
+
 
 def plot_curves(stages, summary):
     runs = runner.all_runs(stages)
@@ -259,8 +335,10 @@ def plot_curves(stages, summary):
     fig.suptitle("Upcycling vs training from scratch (Skywork-MoE Fig. 1)")
     return fig
 
+
 # -----------------------------------------------------------------------------
 # the command
+
 
 def report(stages, scale, out, data_dir):
     summary = summarise(stages)
@@ -268,15 +346,20 @@ def report(stages, scale, out, data_dir):
     moe_runs = [r for r in runs if r.variant != "dense"]
     D = max(r.keys["max_iters"] for r in runs if r.variant == "dense")
     dense_final = [r for r in runs if r.variant == "dense"][-1]
-    setup = (f"Dense: {an.describe_setup([dense_final])} Cosine 3e-3 -> 3e-4 over D = {D} "
-             f"iterations; checkpoints at D/3 = {D // 3} and D. MoE: {MOE_KEYS['n_expert']} experts top-"
-             f"{MOE_KEYS['top_k']} (each as wide as the dense FFN), routing {MOE_ROUTING}, adaptive aux coefficients; "
-             f"budgets D/3 = {D // 3} and D = {D} iterations, cosine runs decay to 3e-4; the same data order "
-             f"(seeds {sorted({r.seed for r in moe_runs})}) in every MoE run.")
+    setup = (
+        f"Dense: {an.describe_setup([dense_final])} Cosine 3e-3 -> 3e-4 over D = {D} "
+        f"iterations; checkpoints at D/3 = {D // 3} and D. MoE: {MOE_KEYS['n_expert']} experts top-"
+        f"{MOE_KEYS['top_k']} (each as wide as the dense FFN), routing {MOE_ROUTING}, adaptive aux coefficients; "
+        f"budgets D/3 = {D // 3} and D = {D} iterations, cosine runs decay to 3e-4; the same data order "
+        f"(seeds {sorted({r.seed for r in moe_runs})}) in every MoE run."
+    )
     sections = [("Setup", setup), ("Results", table(summary)), ("The paper's claims, our numbers", claims(summary))]
     data = {"setup": setup, **summary, "paper": {f"{b}|{n}": v for (b, n), v in PAPER.items()}}
-    return summary, (f"Upcycling vs from scratch, scale {scale}", sections, data), {
-        "curves": lambda: plot_curves(stages, summary)}
+    return (
+        summary,
+        (f"Upcycling vs from scratch, scale {scale}", sections, data),
+        {"curves": lambda: plot_curves(stages, summary)},
+    )
 
 
 def main(argv=None):

@@ -10,6 +10,7 @@ are for missing hardware (a GPU, NCCL).
                                for the BPE pipelines offline (pass sha256=None: it is not GPT-2's)
     gpt2_ranks_path()          GPT-2's r50k_base.tiktoken if one is on this machine, else None
 """
+
 import base64
 import collections
 import importlib.util
@@ -38,8 +39,10 @@ def shakespeare_text_path():
     $SHARED_DATA as .ci/run sets), else the committed sample. For the few checks against published
     full-text numbers; everything else uses the sample (char_data_dir), the same on every machine."""
     shared = os.environ.get("SHARED_DATA", os.path.join(REPO, "..", "shared", "data"))
-    for path in (os.path.join(REPO, "data", "shakespeare_char", "input.txt"),
-                 os.path.join(shared, "tinyshakespeare.txt")):
+    for path in (
+        os.path.join(REPO, "data", "shakespeare_char", "input.txt"),
+        os.path.join(shared, "tinyshakespeare.txt"),
+    ):
         if os.path.isfile(path):
             return path
     return SAMPLE_TEXT

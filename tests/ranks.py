@@ -43,7 +43,9 @@ def spawn(fn, world, *args, timeout=90, gloo=False):
     Fails if a rank is still running after `timeout` seconds (a hang), killing the processes it started."""
     ctx = mp.get_context("fork")
     results_queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_rank_entry, args=(fn, r, world, port, results_queue, args, gloo)) for r in range(world)]
+    procs = [
+        ctx.Process(target=_rank_entry, args=(fn, r, world, port, results_queue, args, gloo)) for r in range(world)
+    ]
     for p in procs:
         p.start()
     results, deadline = {}, time.time() + timeout

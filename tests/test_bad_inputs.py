@@ -87,6 +87,7 @@ block_size + 2 <= the tokens of each split.
 Everything runs in this process (main() of train.py, sample.py, model.py, with the interpreter's
 handling of sys.exit emulated), except one command line per script that shows the real thing.
 """
+
 import dataclasses
 import json
 import os
@@ -106,16 +107,31 @@ from model import ModelConfig
 from train import TrainConfig
 
 PRESET = os.path.join(REPO, "config", "shakespeare_char.toml")
-TINY = ["n_layer=2", "n_embd=32", "n_head=2", "block_size=16", "batch_size=4", "eval_iters=1", "max_iters=2",
-        "eval_interval=1", "warmup_iters=0", "save_checkpoint=false"]
+TINY = [
+    "n_layer=2",
+    "n_embd=32",
+    "n_head=2",
+    "block_size=16",
+    "batch_size=4",
+    "eval_iters=1",
+    "max_iters=2",
+    "eval_interval=1",
+    "warmup_iters=0",
+    "save_checkpoint=false",
+]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 # -----------------------------------------------------------------------------
 # the table of ranges
 
 # the string settings without a fixed set of choices: what the table says about them
-FREE_TEXT = {"out_dir": "a directory", "data_dir": "a directory", "dataset": "a directory under data_dir",
-             "init_from": "scratch, resume, or a checkpoint path", "device": "auto, cpu, cuda or cuda:N"}
+FREE_TEXT = {
+    "out_dir": "a directory",
+    "data_dir": "a directory",
+    "dataset": "a directory under data_dir",
+    "init_from": "scratch, resume, or a checkpoint path",
+    "device": "auto, cpu, cuda or cuda:N",
+}
 
 
 def numeric(typ):
@@ -155,11 +171,11 @@ def range_table():
 
 
 def test_every_numeric_setting_declares_its_range():
-    missing = [f.name for _, f, typ in fields()
-               if numeric(typ) and None in f.metadata.get("range", (None, None))]
+    missing = [f.name for _, f, typ in fields() if numeric(typ) and None in f.metadata.get("range", (None, None))]
     assert not missing, f"numeric settings without a [lowest, highest] range: {missing}"
-    untold = [f.name for _, f, typ in fields()
-              if typ is str and not f.metadata.get("choices") and f.name not in FREE_TEXT]
+    untold = [
+        f.name for _, f, typ in fields() if typ is str and not f.metadata.get("choices") and f.name not in FREE_TEXT
+    ]
     assert not untold, f"string settings the table says nothing about: {untold}"
 
 
@@ -176,11 +192,13 @@ def outside(lo, hi, typ):
     return [str(lo - 1), str(hi + 1)]
 
 
-@pytest.mark.parametrize("name,value", [(f.name, v) for _, f, typ in fields() if numeric(typ)
-                                        for v in outside(*f.metadata["range"], typ)])
+@pytest.mark.parametrize(
+    "name,value", [(f.name, v) for _, f, typ in fields() if numeric(typ) for v in outside(*f.metadata["range"], typ)]
+)
 def test_every_bound_is_enforced(name, value):
     with pytest.raises(ConfigError, match=name):
         load_config([f"{name}={value}"], [ModelConfig, TrainConfig])
+
 
 # -----------------------------------------------------------------------------
 # command lines, as the interpreter runs them
@@ -211,6 +229,7 @@ def train_fails(tmp_path, data_dir, capsys, args, *fragments):
     """train.py with the tiny preset and args (a list) fails with one line holding each fragment."""
     argv = [PRESET, *TINY, f"data_dir={data_dir}", f"out_dir={tmp_path}/out", *args]
     return one_line_error(train.main, argv, capsys, *fragments)
+
 
 # -----------------------------------------------------------------------------
 # train.py settings: one case per category, each the way a user could get it wrong
@@ -270,18 +289,21 @@ def test_settings_caught_after_the_config(tmp_path, char_data_dir, capsys):
     train_fails(tmp_path, char_data_dir, capsys, ["block_size=100000"], "fewer than block_size+2=100002")
 
 
-@pytest.mark.parametrize("text,message", [
-    ("capacity_factor = inf\n", "capacity_factor=inf: must be a finite number"),
-    ("aux_alpha = nan\n", "aux_alpha=nan: must be a finite number"),
-    ('n_layer = "four"\n', "n_layer='four': expected int"),
-    ("learning_rate = true\n", "learning_rate=True: expected float, got bool"),
-    ("dropout = [0.1]\n", "dropout=[0.1]: expected float, got list"),
-    ('out_dir = 5\n', "out_dir=5: expected str, got int"),
-    ("n_layr = 3\n", "unknown config key 'n_layr'"),
-    ("[model]\nn_layer = 3\n", "unknown config key 'model'"),
-    ("n_layer = = 3\n", "is not valid TOML"),
-    ("weight_decay = -1e-3\n", "weight_decay=-0.001 is out of range"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("capacity_factor = inf\n", "capacity_factor=inf: must be a finite number"),
+        ("aux_alpha = nan\n", "aux_alpha=nan: must be a finite number"),
+        ('n_layer = "four"\n', "n_layer='four': expected int"),
+        ("learning_rate = true\n", "learning_rate=True: expected float, got bool"),
+        ("dropout = [0.1]\n", "dropout=[0.1]: expected float, got list"),
+        ("out_dir = 5\n", "out_dir=5: expected str, got int"),
+        ("n_layr = 3\n", "unknown config key 'n_layr'"),
+        ("[model]\nn_layer = 3\n", "unknown config key 'model'"),
+        ("n_layer = = 3\n", "is not valid TOML"),
+        ("weight_decay = -1e-3\n", "weight_decay=-0.001 is out of range"),
+    ],
+)
 def test_bad_config_file(tmp_path, char_data_dir, capsys, text, message):
     (tmp_path / "c.toml").write_text(text)
     train_fails(tmp_path, char_data_dir, capsys, [tmp_path / "c.toml"], message)
@@ -298,16 +320,19 @@ def test_binary_or_missing_config_file(tmp_path, char_data_dir, capsys):
     train_fails(tmp_path, char_data_dir, capsys, ["n_layer"], "expected a config/*.toml file or key=value")
 
 
-@pytest.mark.parametrize("meta,message", [
-    ({"vocab_size": 10**12}, "vocab_size=1000000000000 is not a vocabulary of uint16 tokens"),
-    ({"vocab_size": -5}, "vocab_size=-5 is not a vocabulary"),
-    ({"vocab_size": "65"}, "vocab_size='65' is not a vocabulary"),
-    ({"vocab_size": True}, "vocab_size=True is not a vocabulary"),
-    ({"vocab_size": 65.5}, "vocab_size=65.5 is not a vocabulary"),
-    ({"chars": "abc"}, "is not a dataset description with a vocab_size (KeyError)"),
-    ([65], "is not a dataset description with a vocab_size"),
-    (b"\x80\x81garbage\xff", "is not a dataset description with a vocab_size"),
-])
+@pytest.mark.parametrize(
+    "meta,message",
+    [
+        ({"vocab_size": 10**12}, "vocab_size=1000000000000 is not a vocabulary of uint16 tokens"),
+        ({"vocab_size": -5}, "vocab_size=-5 is not a vocabulary"),
+        ({"vocab_size": "65"}, "vocab_size='65' is not a vocabulary"),
+        ({"vocab_size": True}, "vocab_size=True is not a vocabulary"),
+        ({"vocab_size": 65.5}, "vocab_size=65.5 is not a vocabulary"),
+        ({"chars": "abc"}, "is not a dataset description with a vocab_size (KeyError)"),
+        ([65], "is not a dataset description with a vocab_size"),
+        (b"\x80\x81garbage\xff", "is not a dataset description with a vocab_size"),
+    ],
+)
 def test_absurd_or_garbage_meta_json(tmp_path, char_data_dir, capsys, meta, message):
     data = tmp_path / "data"
     shutil.copytree(os.path.join(char_data_dir, "shakespeare_char"), data / "shakespeare_char")
@@ -319,27 +344,37 @@ def test_absurd_or_garbage_meta_json(tmp_path, char_data_dir, capsys, meta, mess
 def test_train_command_line_for_real(tmp_path):
     """One real command line: the interpreter's own exit code and stderr, nothing emulated."""
     (tmp_path / "binary.toml").write_bytes(os.urandom(4096))
-    p = subprocess.run([sys.executable, "train.py", str(tmp_path / "binary.toml"), "init_std=nan"], cwd=REPO,
-                       env=ONE_THREAD, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "train.py", str(tmp_path / "binary.toml"), "init_std=nan"],
+        cwd=REPO,
+        env=ONE_THREAD,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
     assert p.stderr.startswith(f"config error: config file {tmp_path}/binary.toml is not valid TOML")
+
 
 # -----------------------------------------------------------------------------
 # sample.py and model.py
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--temperature", "nan"], "need a finite temperature > 0"),
-    (["--temperature", "inf"], "need a finite temperature > 0"),
-    (["--temperature", "0"], "need a finite temperature > 0"),
-    (["--top_k", "0"], "top_k >= 1"),
-    (["--device", "tpu9"], "--device 'tpu9' is not a device: use cpu, cuda or cuda:N"),
-    (["--device", "meta"], "--device meta: no such device here; use --device cpu"),
-    (["--ckpt", "/nonexistent/ckpt.pt"], "checkpoint /nonexistent/ckpt.pt not found"),
-    (["--temperature", "warm"], "argument --temperature: invalid float value: 'warm'"),
-    (["--num_samples"], "argument --num_samples: expected one argument"),
-    (["--tempreature", "0.8"], "unrecognized arguments: --tempreature 0.8"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--temperature", "nan"], "need a finite temperature > 0"),
+        (["--temperature", "inf"], "need a finite temperature > 0"),
+        (["--temperature", "0"], "need a finite temperature > 0"),
+        (["--top_k", "0"], "top_k >= 1"),
+        (["--device", "tpu9"], "--device 'tpu9' is not a device: use cpu, cuda or cuda:N"),
+        (["--device", "meta"], "--device meta: no such device here; use --device cpu"),
+        (["--ckpt", "/nonexistent/ckpt.pt"], "checkpoint /nonexistent/ckpt.pt not found"),
+        (["--temperature", "warm"], "argument --temperature: invalid float value: 'warm'"),
+        (["--num_samples"], "argument --num_samples: expected one argument"),
+        (["--tempreature", "0.8"], "unrecognized arguments: --tempreature 0.8"),
+    ],
+)
 def test_sample_command_line(capsys, args, message):
     one_line_error(sample.main, args, capsys, message)
 
@@ -353,12 +388,15 @@ def test_sample_unknown_cuda_device(capsys):
         one_line_error(sample.main, ["--device", "cuda"], capsys, "no such device here; use --device cpu")
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"\x00\x01\x02binary\xff\xfe" * 64, "is not valid TOML"),
-    (b"n_embd = 0\n", "n_embd=0 is out of range"),
-    (b"capacity_factor = inf\n", "capacity_factor=inf: must be a finite number"),
-    (b"n_layer = 2\nmoe_every = 4\n", "moe_every=4 > n_layer=2"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"\x00\x01\x02binary\xff\xfe" * 64, "is not valid TOML"),
+        (b"n_embd = 0\n", "n_embd=0 is out of range"),
+        (b"capacity_factor = inf\n", "capacity_factor=inf: must be a finite number"),
+        (b"n_layer = 2\nmoe_every = 4\n", "moe_every=4 > n_layer=2"),
+    ],
+)
 def test_model_py_config_errors(tmp_path, capsys, content, message):
     (tmp_path / "c.toml").write_bytes(content)
     one_line_error(model.main, [tmp_path / "c.toml"], capsys, message)
@@ -366,15 +404,24 @@ def test_model_py_config_errors(tmp_path, capsys, content, message):
 
 def test_model_py_names_the_keys_it_ignores(tmp_path, capsys):
     """model.py takes train.py's config files too, so a key that is no model setting is not an error there:
-    it is named, not silently dropped."""
-    (tmp_path / "c.toml").write_bytes(b"n_layr = 2\n")
+    it is named, not silently dropped; a near miss of a model setting is a typo, and an error."""
+    (tmp_path / "c.toml").write_bytes(b"learning_rate = 1e-3\n")
     model.main([str(tmp_path / "c.toml")])
-    assert "(not model settings, ignored here: n_layr)" in capsys.readouterr().out
+    assert "(not model settings, ignored here: learning_rate)" in capsys.readouterr().out
+    (tmp_path / "typo.toml").write_bytes(b"n_layr = 2\n")
+    with pytest.raises(SystemExit, match="unknown config key 'n_layr'; did you mean 'n_layer'"):
+        model.main([str(tmp_path / "typo.toml")])
 
 
 def test_model_py_command_line_for_real(tmp_path):
     (tmp_path / "c.toml").write_bytes(b"\x00\xffnot toml\x80")
-    p = subprocess.run([sys.executable, "model.py", str(tmp_path / "c.toml")], cwd=REPO, env=ONE_THREAD,
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "model.py", str(tmp_path / "c.toml")],
+        cwd=REPO,
+        env=ONE_THREAD,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
     assert p.stderr.startswith("config error: config file") and "is not valid TOML" in p.stderr

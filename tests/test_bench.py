@@ -1,5 +1,6 @@
 """bench.py's table functions at tiny sizes: every section produces well-formed rows. No timing is
 asserted (the numbers live in bench.py's output and the README's efficiency section)."""
+
 import math
 import subprocess
 
@@ -11,8 +12,9 @@ from conftest import REPO
 
 CPU = torch.device("cpu")
 TINY_CASES = [bench.LayerCase(n_expert=4, tokens=32, n_embd=16), bench.LayerCase(n_expert=8, tokens=64, n_embd=32)]
-TINY_PRESET = {"tiny": [bench.QUICK_START, "n_layer=1", "n_embd=32", "n_head=2", "block_size=16", "batch_size=2",
-                        "n_expert=4"]}
+TINY_PRESET = {
+    "tiny": [bench.QUICK_START, "n_layer=1", "n_embd=32", "n_head=2", "block_size=16", "batch_size=2", "n_expert=4"]
+}
 
 
 def positive(v):
@@ -68,6 +70,7 @@ def test_train_rows_with_a_baseline_module():
         assert positive(r["tok/s"]) and positive(r["MFU vs matmul %"]) and positive(r["matmul GFLOP/s"])
         assert "MFU %" not in r  # against a datasheet peak: GPUs only (a CPU has none we could trust)
     import model  # the baseline was imported beside, not over, this checkout's modules
+
     assert hasattr(model, "grouped_mm_dtype")
 
 
@@ -84,11 +87,18 @@ def test_peer_comparison_agrees_and_times_every_implementation():
     case = bench.LayerCase(n_expert=4, tokens=64, n_embd=32)
     rows = bench.peer_rows([case], repeats=1, device=CPU, log=lambda *a: None)
     r = rows[0]
-    for key in ("ours / dense", "ours / transformers eager", "ours / transformers grouped_mm",
-                "ours / faster transformers", "transformers eager ms", "transformers grouped_mm ms"):
+    for key in (
+        "ours / dense",
+        "ours / transformers eager",
+        "ours / transformers grouped_mm",
+        "ours / faster transformers",
+        "transformers eager ms",
+        "transformers grouped_mm ms",
+    ):
         assert positive(r[key]), (key, r)
     assert r["ours / faster transformers"] == pytest.approx(
-        min(r["transformers eager ms"], r["transformers grouped_mm ms"]) / r["ours ms"])
+        min(r["transformers eager ms"], r["transformers grouped_mm ms"]) / r["ours ms"]
+    )
 
 
 def test_peer_check_catches_a_different_function():

@@ -6,9 +6,7 @@ local text file. ~40 s on 2 CPU cores.
 """
 
 import contextlib
-import importlib.util
 import io
-import json
 import math
 import os
 import re
@@ -35,9 +33,14 @@ def run_smoke(module, out, data_dir, *extra):
 
 
 def test_gate_norm_smoke(tmp_path, char_data_dir):
-    summary = run_smoke(gate_norm, tmp_path, char_data_dir)
-    for name in ("gate_norm_smoke.md", "gate_norm_smoke.json", "gate_norm_smoke_curves.png",
-                 "gate_norm_smoke_gates.png"):
+    every = ("--variants", ",".join(gate_norm.VARIANTS))  # the default is arms (a)-(d); lambda 0.5 and 2 too
+    summary = run_smoke(gate_norm, tmp_path, char_data_dir, *every)
+    for name in (
+        "gate_norm_smoke.md",
+        "gate_norm_smoke.json",
+        "gate_norm_smoke_curves.png",
+        "gate_norm_smoke_gates.png",
+    ):
         assert (tmp_path / name).stat().st_size > 0, name
     assert set(summary["variants"]) == set(gate_norm.VARIANTS)
     table = (tmp_path / "gate_norm_smoke.md").read_text()
@@ -59,7 +62,7 @@ def test_gate_norm_smoke(tmp_path, char_data_dir):
     assert {c["verdict"] for c in summary["claims"]} <= {"inconclusive at this scale"}  # one seed decides nothing
     # a finished run is not rerun: the second call only rebuilds the tables
     before = os.path.getmtime(tmp_path / "no_norm_s1337" / "metrics.jsonl")
-    run_smoke(gate_norm, tmp_path, char_data_dir)
+    run_smoke(gate_norm, tmp_path, char_data_dir, *every)
     assert os.path.getmtime(tmp_path / "no_norm_s1337" / "metrics.jsonl") == before
 
 
@@ -101,8 +104,9 @@ def test_upcycling_smoke(tmp_path, char_data_dir):
 def test_balance_loss_smoke_gradient_scale(tmp_path, char_data_dir):
     """Eq. 4's gradient on the gate is much smaller than the Switch form's at the same alpha (the reason
     the defaults use Switch), measured on the probe model; the preset rows read the config/ files."""
-    summary = run_smoke(balance_loss, tmp_path, char_data_dir, "--variants",
-                        "switch_1e-2,eq4_1e-2,ratio_probe,preset_quickstart")
+    summary = run_smoke(
+        balance_loss, tmp_path, char_data_dir, "--variants", "switch_1e-2,eq4_1e-2,ratio_probe,preset_quickstart"
+    )
     assert summary["gradient_ratio"]["min"] > 3
     assert set(summary["variants"]) == {"switch_1e-2", "eq4_1e-2", "ratio_probe", "preset_quickstart"}
     assert summary["variants"]["preset_quickstart"][0]["aux_loss"] == "switch"  # what the preset ships
@@ -153,9 +157,13 @@ def test_gate_decisiveness_readings():
     """The three readings of Max1/Max2 on hand-computed tokens, and their average over routing groups."""
     from router import gate_decisiveness
 
-    probs = torch.tensor([[0.5, 0.25, 0.125, 0.125],   # Max1/Max2 2
-                          [0.4, 0.4, 0.1, 0.1],        # 1
-                          [0.7, 0.1, 0.1, 0.1]])       # 7
+    probs = torch.tensor(
+        [
+            [0.5, 0.25, 0.125, 0.125],  # Max1/Max2 2
+            [0.4, 0.4, 0.1, 0.1],  # 1
+            [0.7, 0.1, 0.1, 0.1],
+        ]
+    )  # 7
     out = gate_decisiveness(probs.unsqueeze(0))
     assert out["max1_max2"].item() == pytest.approx(10 / 3)
     assert out["max1_max2_median"].item() == pytest.approx(2.0)
@@ -181,8 +189,10 @@ def test_efolding_time_of_the_closed_form():
 # -----------------------------------------------------------------------------
 # --scale full --dry-run prints correct parameter counts, tokens, GPU-hours and runnable commands
 
-PLAN_LINE = re.compile(r"^## (\S+): params ([\d,]+) total / ([\d,]+) active; ([\d.]+)B tokens"
-                       r"(?: = ([\d.]+)% of the paper's (\d+)B)?.* -> ([\d,]+) GPU-hours")
+PLAN_LINE = re.compile(
+    r"^## (\S+): params ([\d,]+) total / ([\d,]+) active; ([\d.]+)B tokens"
+    r"(?: = ([\d.]+)% of the paper's (\d+)B)?.* -> ([\d,]+) GPU-hours"
+)
 
 
 def dry_run(module):
@@ -239,8 +249,21 @@ def test_full_dry_run_plan(module):
 
 
 def test_script_form_and_cli_errors():
-    out = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "gate_norm.py"), "--scale", "full",
-                          "--dry-run", "--data_dir", "/nonexistent"], capture_output=True, text=True, cwd="/", check=False)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "experiments", "gate_norm.py"),
+            "--scale",
+            "full",
+            "--dry-run",
+            "--data_dir",
+            "/nonexistent",
+        ],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        check=False,
+    )
     assert out.returncode == 0 and "2,485,586,944 total" in out.stdout
     with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(io.StringIO()):
         gate_norm.main(["--scale", "small", "--dry-run"])
@@ -251,31 +274,6 @@ def test_script_form_and_cli_errors():
         gate_norm.main(["--scale", "smoke", "--analyse-only", "--out", "/nonexistent/runs"])
     assert "no finished runs" in str(e.value.code)
 
+
 # -----------------------------------------------------------------------------
 # data/fineweb/prepare.py through its real pipeline, on a local text file
-
-def test_fineweb_prepare_local_text(tmp_path):
-    ranks = os.path.join(os.environ.get("SHARED_DATA", os.path.join(REPO, "..", "shared", "data")),
-                         "r50k_base.tiktoken")
-    if not os.path.isfile(ranks):
-        pytest.skip("r50k_base.tiktoken not found (set SHARED_DATA)")
-    spec = importlib.util.spec_from_file_location("fineweb_prepare", os.path.join(REPO, "data", "fineweb", "prepare.py"))
-    prep = importlib.util.module_from_spec(spec)
-    sys.modules["fineweb_prepare"] = prep  # the worker pool pickles encode_document by module name
-    spec.loader.exec_module(prep)
-    docs = [f"Document {i}: the quick brown fox jumps over {i} lazy dogs.\nSecond line {i * 7}." for i in range(60)]
-    src = tmp_path / "corpus.txt"
-    src.write_text("\n\n".join(docs))
-    out = tmp_path / "tok"
-    meta = prep.prepare(prep.file_documents([str(src)]), str(out), ranks, workers=2, shard_tokens=300,
-                        val_tokens=200, keep_shards=True, quiet=True)
-    enc = prep.gpt2_encoding(ranks)
-    expect = np.concatenate([[prep.EOT] + enc.encode_ordinary(d) for d in docs]).astype(np.uint16)
-    val = np.fromfile(out / "val.bin", dtype=np.uint16)
-    train = np.fromfile(out / "train.bin", dtype=np.uint16)
-    np.testing.assert_array_equal(np.concatenate([val, train]), expect)   # document order kept
-    assert val[0] == prep.EOT and train[0] == prep.EOT                      # splits at document starts
-    assert len(meta["shards"]["train"]) > 1 and meta["vocab_size"] == 50257
-    shards = np.concatenate([np.fromfile(out / s, dtype=np.uint16) for s in meta["shards"]["train"]])
-    np.testing.assert_array_equal(shards, train)
-    assert json.loads((out / "meta.json").read_text())["tokens"]["train"] == len(train)

@@ -5,14 +5,16 @@ The central claim: R ranks, each routing its own batch_size / R sequences as one
 the same function and the same gradients as one process running the whole global batch with
 route_groups = R. Checked on 2 and 4 gloo processes (ep_size = world, and world 4 = 2 x ep_size 2),
 in float64 (1e-10 relative) and float32 (1e-5), relative meaning ||a - b|| / ||b|| per tensor, including
-an expert that receives no tokens, every token sent to one rank, and token drops; then the real entry points: torchrun vs one process,
-checkpoints resumed across ep_size, and bad launches failing on every rank without hanging.
+an expert that receives no tokens, every token sent to one rank, and token drops; then the real entry
+points: torchrun vs one process, checkpoints resumed across layouts, state gathered to rank 0 only, a
+dense model, and bad launches failing on every rank without hanging.
 
     python -m pytest -q tests/test_expert_parallel.py
 
 Ranks are forked (torch is already imported: ~1-3 s to start), talk over a free loopback port, and
 every wait is bounded: a hang fails the test instead of blocking it.
 """
+
 import contextlib
 import copy
 import datetime
@@ -47,11 +49,13 @@ def clip_and_step(model, optimizer, tcfg, groups):
     torch.nn.utils.clip_grads_with_norm_(model.parameters(), tcfg.grad_clip, tp.grad_norm(model, groups))
     optimizer.step()
 
+
 EP2_PRESET = os.path.join(REPO, "config", "shakespeare_char_ep2.toml")
 TOL = {"float64": 1e-10, "float32": 1e-5}
 
 # -----------------------------------------------------------------------------
 # acceptance 1: R ranks == one process, every tensor that matters
+
 
 def rel_err(a, b):
     """||a - b|| / ||b|| (Frobenius; the absolute error when b is all zero)."""
@@ -70,7 +74,12 @@ CASES = {
     # nothing at all (their local grads are None before sync) and most slots are dropped
     "one_rank": (dict(capacity_factor=1.0), dict(), {0: 2.0, 1: 2.0}, 1),
     # dropless routing, Qwen's global-batch Switch loss, two micro-batches
-    "global_dropless": (dict(capacity_factor=0.0, aux_loss="switch"), dict(balance_scope="global", grad_accum=2), None, 1),
+    "global_dropless": (
+        dict(capacity_factor=0.0, aux_loss="switch"),
+        dict(balance_scope="global", grad_accum=2),
+        None,
+        1,
+    ),
     # two capacity groups per rank (route_groups = 2 x world): the received rows' order still matches
     "two_groups_per_rank": (dict(capacity_factor=1.0), dict(), None, 2),
 }
@@ -79,8 +88,11 @@ CASES = {
 def _moe_outputs(model):
     """Collect every MoE layer's output y (B, L, D) per forward, in call order."""
     captured = []
-    handles = [m.register_forward_hook(lambda mod, inp, out: captured.append(out[0].detach()))
-               for m in model.modules() if isinstance(m, MoE)]
+    handles = [
+        m.register_forward_hook(lambda mod, inp, out: captured.append(out[0].detach()))
+        for m in model.modules()
+        if isinstance(m, MoE)
+    ]
     return captured, handles
 
 
@@ -90,13 +102,30 @@ def _equivalence(rank, world, ep_size, dtype_name):
         groups = tp.build_groups(tp.validate_layout(world, 1, ep_size), datetime.timedelta(seconds=60))
         local = tp.TPGroups.local()
         dtype = getattr(torch, dtype_name)
-        b, L = 2, 16                                     # sequences per rank, tokens per sequence
+        b, L = 2, 16  # sequences per rank, tokens per sequence
         report = {}
         for name, (model_kw, train_kw, bias, groups_per_rank) in CASES.items():
-            cfg = ModelConfig(vocab_size=48, block_size=L, n_layer=2, n_head=2, n_embd=32, expert_hidden=48,
-                              n_expert=8, top_k=2, aux_free_bias=bias is not None, **model_kw)
-            tcfg = TrainConfig(batch_size=b * world, z_loss_coef=1e-2, grad_clip=0.5, learning_rate=1e-2,
-                               weight_decay=0.1, route_groups=groups_per_rank * world, **train_kw)
+            cfg = ModelConfig(
+                vocab_size=48,
+                block_size=L,
+                n_layer=2,
+                n_head=2,
+                n_embd=32,
+                expert_hidden=48,
+                n_expert=8,
+                top_k=2,
+                aux_free_bias=bias is not None,
+                **model_kw,
+            )
+            tcfg = TrainConfig(
+                batch_size=b * world,
+                z_loss_coef=1e-2,
+                grad_clip=0.5,
+                learning_rate=1e-2,
+                weight_decay=0.1,
+                route_groups=groups_per_rank * world,
+                **train_kw,
+            )
             torch.manual_seed(0)
             ref = GPT(cfg).to(dtype)
             for block in ref.blocks:
@@ -108,28 +137,35 @@ def _equivalence(rank, world, ep_size, dtype_name):
             gen = torch.Generator().manual_seed(1)
             tokens = torch.randint(cfg.vocab_size, (tcfg.grad_accum, b * world, L + 1), generator=gen)
             global_batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
-            local_batches = [(x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b]) for x, y in global_batches]
+            local_batches = [(x[rank * b : (rank + 1) * b], y[rank * b : (rank + 1) * b]) for x, y in global_batches]
             coeffs = AuxCoefficients(cfg.n_layer, "fixed", alpha_init=0.1)  # strong: the balance gradient counts
             no_autocast = torch.autocast("cpu", enabled=False)
 
             y_ref, h_ref = _moe_outputs(ref)
             y_ep, h_ep = _moe_outputs(model)
-            ce_r, stats_r, loads_r = forward_backward(ref, global_batches, coeffs, tcfg, no_autocast, local,
-                                                      n_group=tcfg.route_groups)
+            ce_r, stats_r, loads_r = forward_backward(
+                ref, global_batches, coeffs, tcfg, no_autocast, local, n_group=tcfg.route_groups
+            )
             sync = tp.OverlappedSync(model, groups, bucket_numel=4096)  # train.py's path: several buckets
-            ce_e, stats_e, loads_e = forward_backward(model, local_batches, coeffs, tcfg, no_autocast, groups,
-                                                      n_group=groups_per_rank, sync=sync)
+            ce_e, stats_e, loads_e = forward_backward(
+                model, local_batches, coeffs, tcfg, no_autocast, groups, n_group=groups_per_rank, sync=sync
+            )
             for h in h_ref + h_ep:
                 h.remove()
 
             err = {}
-            err["moe_out"] = max(rel_err(ye, yr[rank * b:(rank + 1) * b]) for ye, yr in zip(y_ep, y_ref, strict=True))
+            err["moe_out"] = max(rel_err(ye, yr[rank * b : (rank + 1) * b]) for ye, yr in zip(y_ep, y_ref, strict=True))
             err["ce"] = rel_err(ce_e, ce_r)
             alphas = torch.tensor(coeffs.alpha, dtype=torch.float64)
             aux, z = STAT_NAMES.index("aux_loss"), STAT_NAMES.index("z_loss")
 
             def total(ce, stats):
-                return ce.double() + (alphas * stats[:, aux].double()).sum() + tcfg.z_loss_coef * stats[:, z].double().sum()
+                return (
+                    ce.double()
+                    + (alphas * stats[:, aux].double()).sum()
+                    + tcfg.z_loss_coef * stats[:, z].double().sum()
+                )
+
             err["loss"] = rel_err(total(ce_e, stats_e), total(ce_r, stats_r))
             err["stats"] = max(rel_err(stats_e[:, i], stats_r[:, i]) for i in range(len(STAT_NAMES)))
             err["loads"] = rel_err(loads_e, loads_r)
@@ -138,6 +174,7 @@ def _equivalence(rank, world, ep_size, dtype_name):
 
             def expected(n, p, t):  # the reference tensor this rank should hold
                 return t[lo:hi] if id(p) in sharded else t
+
             err["grad"] = {n: rel_err(p.grad, expected(n, p, ref_params[n].grad)) for n, p in model.named_parameters()}
 
             ref_opt = torch.optim.AdamW(ref.optim_groups(tcfg.weight_decay), lr=tcfg.learning_rate)
@@ -179,6 +216,7 @@ def test_ranks_equal_one_process(world, ep_size):
         assert all(sum(load[per_rank:]) == 0 for load in sanity["one_rank"]["sanity"]["load_E"])
         assert all(d == 0 for d in sanity["global_dropless"]["sanity"]["drop_rate"])
 
+
 # -----------------------------------------------------------------------------
 # acceptance 2: torchrun trains, and its loss curve is the single process's
 
@@ -193,12 +231,28 @@ def step_records(lines):
 
 
 def test_torchrun_loss_curve_matches_one_process(tmp_path, char_data_dir):
-    common = [f"data_dir={char_data_dir}", "max_iters=20", "eval_interval=20", "eval_iters=2", "log_interval=1",
-              "save_checkpoint=false"]
+    common = [
+        f"data_dir={char_data_dir}",
+        "max_iters=20",
+        "eval_interval=20",
+        "eval_iters=2",
+        "log_interval=1",
+        "save_checkpoint=false",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           EP2_PRESET, "backend=gloo", f"out_dir={tmp_path / 'ep2'}", *common]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "train.py",
+        EP2_PRESET,
+        "backend=gloo",
+        f"out_dir={tmp_path / 'ep2'}",
+        *common,
+    ]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "world 2 = 2 data-parallel x 1 tensor-parallel, EP: experts over 2 rank(s)" in p.stdout
@@ -220,9 +274,22 @@ def test_torchrun_loss_curve_matches_one_process(tmp_path, char_data_dir):
 # -----------------------------------------------------------------------------
 # acceptance 3: checkpoints resume across ep_size (float64: equal to the uninterrupted run to 1e-10)
 
-SMALL = ["n_layer=2", "n_embd=64", "n_head=2", "block_size=32", "batch_size=8", "route_groups=2",
-         "eval_iters=1", "eval_interval=3", "log_interval=1", "warmup_iters=2", "lr_decay_iters=6",
-         "capacity_factor=1.0", "dtype=float64", "dist_timeout_s=60"]
+SMALL = [
+    "n_layer=2",
+    "n_embd=64",
+    "n_head=2",
+    "block_size=32",
+    "batch_size=8",
+    "route_groups=2",
+    "eval_iters=1",
+    "eval_interval=3",
+    "log_interval=1",
+    "warmup_iters=2",
+    "lr_decay_iters=6",
+    "capacity_factor=1.0",
+    "dtype=float64",
+    "dist_timeout_s=60",
+]
 
 
 def _train_rank(rank, world, argv):
@@ -241,13 +308,19 @@ def run_train(world, argv):
         ok_results(spawn(_train_rank, world, argv, timeout=120))
 
 
-@pytest.mark.parametrize("layouts", [
-    [(2, "ep_size=2"), (1, "ep_size=1")],
-    [(1, "ep_size=1"), (2, "ep_size=2")],
-    # EDP: (tp 2, ep 2) on 4 ranks -> one process -> plain EP on 2 ranks (route_groups=4: 4 token slices)
-    [(4, "tp_size=2", "ep_size=2", "route_groups=4"), (1, "ep_size=1", "route_groups=4"),
-     (2, "ep_size=2", "route_groups=4")],
-])
+@pytest.mark.parametrize(
+    "layouts",
+    [
+        [(2, "ep_size=2"), (1, "ep_size=1")],
+        [(1, "ep_size=1"), (2, "ep_size=2")],
+        # EDP: (tp 2, ep 2) on 4 ranks -> one process -> plain EP on 2 ranks (route_groups=4: 4 token slices)
+        [
+            (4, "tp_size=2", "ep_size=2", "route_groups=4"),
+            (1, "ep_size=1", "route_groups=4"),
+            (2, "ep_size=2", "route_groups=4"),
+        ],
+    ],
+)
 def test_resume_across_layouts(tmp_path, char_data_dir, layouts):
     base = [EP2_PRESET, *SMALL, f"data_dir={char_data_dir}", "backend=gloo"]
     groups = [a for a in layouts[0][1:] if a.startswith("route_groups")]
@@ -266,6 +339,7 @@ def test_resume_across_layouts(tmp_path, char_data_dir, layouts):
         for la, lb in zip(a[i]["layers"], b[i]["layers"]):
             assert abs(la["alpha"] - lb["alpha"]) <= 1e-10 * la["alpha"]
 
+
 # -----------------------------------------------------------------------------
 # acceptance 4: bad setups fail fast, with the same message on every rank, and nothing hangs
 
@@ -280,8 +354,9 @@ BAD_LAUNCHES = [
 def _bad_launches(rank, world, data_dir, out_dir):
     messages = []
     for overrides, _ in BAD_LAUNCHES:
-        m, t, s = load_config([EP2_PRESET, f"data_dir={data_dir}", f"out_dir={out_dir}", "ep_size=1",
-                               "batch_size=6", *overrides])
+        m, t, s = load_config(
+            [EP2_PRESET, f"data_dir={data_dir}", f"out_dir={out_dir}", "ep_size=1", "batch_size=6", *overrides]
+        )
         try:
             train(m, t, s)
             messages.append(None)
@@ -302,8 +377,9 @@ def test_bad_launches_fail_on_every_rank_before_any_collective(tmp_path, char_da
 
 def _empty_shard(rank, world, data_dir, empty_dir, out_dir):
     # rank 1's node has no data for this run: an empty train.bin
-    m, t, s = load_config([EP2_PRESET, f"data_dir={empty_dir if rank == 1 else data_dir}", f"out_dir={out_dir}",
-                           "dist_timeout_s=30"])
+    m, t, s = load_config(
+        [EP2_PRESET, f"data_dir={empty_dir if rank == 1 else data_dir}", f"out_dir={out_dir}", "dist_timeout_s=30"]
+    )
     train(m, t, s)
 
 
@@ -339,7 +415,9 @@ def _gathered_state(rank, world, ep_size):
         state, optim = tp.full_model_state(model, groups), tp.full_optimizer_state(opt, model, groups)
         if state is None:
             return None, None
-        moments = {i: {k: tuple(v.shape) for k, v in s.items() if torch.is_tensor(v)} for i, s in optim["state"].items()}
+        moments = {
+            i: {k: tuple(v.shape) for k, v in s.items() if torch.is_tensor(v)} for i, s in optim["state"].items()
+        }
         return {k: (tuple(v.shape), str(v.dtype)) for k, v in state.items()}, moments
     finally:
         dist.destroy_process_group()
@@ -358,8 +436,15 @@ def test_checkpoint_state_is_gathered_to_rank_0_only_in_the_one_process_format(w
 def test_dense_model_under_torchrun(tmp_path, char_data_dir):
     """No MoE layer: the step statistics are empty tables, on the loss's device, through the same
     all-reduce as an MoE model's (a dense 8-GPU run crashed here under NCCL)."""
-    argv = [EP2_PRESET, *SMALL, "n_expert=0", "ep_size=1", f"data_dir={char_data_dir}", "max_iters=2",
-            f"out_dir={tmp_path / 'dense'}"]
+    argv = [
+        EP2_PRESET,
+        *SMALL,
+        "n_expert=0",
+        "ep_size=1",
+        f"data_dir={char_data_dir}",
+        "max_iters=2",
+        f"out_dir={tmp_path / 'dense'}",
+    ]
     run_train(2, argv)
     steps = step_records(metrics(tmp_path / "dense"))
     assert sorted(steps) == [1, 2] and all(s["layers"] == [] for s in steps.values())

@@ -7,6 +7,7 @@ refused with the reason.
 
     python -m pytest -q tests/test_export.py
 """
+
 import dataclasses
 import json
 import os
@@ -15,8 +16,8 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
 
+from conftest import REPO
 from export import ExportError, export_state, import_hf
 from model import GPT, ModelConfig
 
@@ -65,7 +66,7 @@ def test_transformers_computes_our_logits_and_the_import_gives_our_weights(tmp_p
     arch, theirs = hf_logits(str(tmp_path), idx)
     ours = our_logits(dropless, idx)
     assert arch == result.architecture == ("LlamaForCausalLM" if not cfg.n_expert else "MixtralForCausalLM")
-    assert ours.abs().max() > 1.0                       # logits big enough for 1e-4 to mean something
+    assert ours.abs().max() > 1.0  # logits big enough for 1e-4 to mean something
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
 
     state, back = import_hf(str(tmp_path))
@@ -87,6 +88,7 @@ def test_exported_files_are_what_transformers_publishes(tmp_path):
     assert hf["model_type"] == "mixtral" and hf["num_local_experts"] == 8 and hf["num_experts_per_tok"] == 2
     assert hf["torch_dtype"] == "bfloat16" and hf["intermediate_size"] == cfg.expert_hidden
     from safetensors import safe_open
+
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         names = set(f.keys())
         assert f.get_tensor("model.layers.1.block_sparse_moe.experts.7.w2.weight").dtype == torch.bfloat16
@@ -96,10 +98,13 @@ def test_exported_files_are_what_transformers_publishes(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]  # no temp files left
 
 
-@pytest.mark.parametrize("kw,reason", [
-    (dict(n_expert=8, gate_norm=True), "eq. 6.*no Mixtral equivalent"),
-    (dict(n_expert=8, gate_norm=False, moe_every=2), "moe_every=2: Mixtral has an MoE block in every layer"),
-])
+@pytest.mark.parametrize(
+    "kw,reason",
+    [
+        (dict(n_expert=8, gate_norm=True), "eq. 6.*no Mixtral equivalent"),
+        (dict(n_expert=8, gate_norm=False, moe_every=2), "moe_every=2: Mixtral has an MoE block in every layer"),
+    ],
+)
 def test_models_without_an_equivalent_are_refused(tmp_path, kw, reason):
     cfg = tiny(**kw)
     with pytest.raises(ExportError, match=reason):
@@ -110,29 +115,33 @@ def test_models_without_an_equivalent_are_refused(tmp_path, kw, reason):
 def test_selection_bias_is_refused_unless_zero(tmp_path):
     cfg = tiny(n_expert=4, gate_norm=False, aux_free_bias=True)
     state = model_of(cfg).state_dict()
-    export_state(state, cfg, str(tmp_path / "zero"))                    # an unused (zero) bias is fine
+    export_state(state, cfg, str(tmp_path / "zero"))  # an unused (zero) bias is fine
     state["blocks.0.ffn.router.selection_bias_E"][1] = 0.01
     with pytest.raises(ExportError, match="selection bias .* is nonzero"):
         export_state(state, cfg, str(tmp_path / "biased"))
 
+
 # -----------------------------------------------------------------------------
 # the command line, on checkpoints written by the project's own writer
+
 
 def write_checkpoint(path, cfg):
     from checkpoint import save_checkpoint
     from train import TrainConfig
+
     save_checkpoint(str(path), model_state=model_of(cfg).state_dict(), model_cfg=cfg, train_cfg=TrainConfig())
 
 
 def export_cli(*args):
-    return subprocess.run([sys.executable, "export.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "export.py", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_command_line(tmp_path):
     cfg = tiny(n_expert=4, top_k=2, gate_norm=False)  # capacity_factor 1.25, the default
     write_checkpoint(tmp_path / "ckpt.pt", cfg)
-    p = export_cli("--from", tmp_path, "--out", tmp_path / "hf")     # a run directory: its ckpt.pt
+    p = export_cli("--from", tmp_path, "--out", tmp_path / "hf")  # a run directory: its ckpt.pt
     assert p.returncode == 0, p.stderr
     assert "MixtralForCausalLM" in p.stdout and "note: capacity_factor=1.25" in p.stdout
     state, _ = import_hf(str(tmp_path / "hf"))
@@ -145,7 +154,7 @@ def test_command_line(tmp_path):
     one_line_error(export_cli("--from", tmp_path, "--out", tmp_path / "hf"), "exists: choose another --out")
     assert export_cli("--from", tmp_path, "--out", tmp_path / "hf", "--overwrite").returncode == 0
     one_line_error(export_cli("--from", tmp_path / "missing.pt", "--out", tmp_path / "o"), "not found")
-    write_checkpoint(tmp_path / "normed.pt", tiny(n_expert=4))        # gate_norm=true, the default
+    write_checkpoint(tmp_path / "normed.pt", tiny(n_expert=4))  # gate_norm=true, the default
     one_line_error(export_cli("--from", tmp_path / "normed.pt", "--out", tmp_path / "o"), "no Mixtral equivalent")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     one_line_error(export_cli("--from", tmp_path / "junk.pt", "--out", tmp_path / "o"), "not a readable checkpoint")

@@ -7,6 +7,7 @@ of the rows in one process are in test_model.py; what only a GPU can settle is i
 
 Ranks are forked gloo processes (tests/ranks.py); every wait is bounded.
 """
+
 import io
 
 import pytest
@@ -23,6 +24,7 @@ class SyncCounter:
     """Counts the calls that copy a device tensor's values to the host (.tolist, .item, .cpu, int(),
     float(), bool()), the ones that stall a GPU's queue. On CPU they cost nothing, but the count is
     the same as on CUDA for the code paths that do not branch on the device."""
+
     NAMES = ("tolist", "item", "cpu", "__int__", "__float__", "__bool__", "__index__")
 
     def __init__(self, monkeypatch):
@@ -33,6 +35,7 @@ class SyncCounter:
             def counted(t, *a, _name=name, _original=original, **kw):
                 self.calls.append(_name)
                 return _original(t, *a, **kw)
+
             monkeypatch.setattr(torch.Tensor, name, counted)
 
 
@@ -41,8 +44,9 @@ class SyncCounter:
 def test_host_syncs_per_moe_layer_one_process(monkeypatch, impl, capacity_factor):
     # at most 2 per layer: routing's kept count (with capacity) and the loop's split sizes
     torch.manual_seed(8)
-    moe = MoE(ModelConfig(n_embd=D, n_head=2, n_expert=4, top_k=2, expert_hidden=F_HIDDEN,
-                          capacity_factor=capacity_factor))
+    moe = MoE(
+        ModelConfig(n_embd=D, n_head=2, n_expert=4, top_k=2, expert_hidden=F_HIDDEN, capacity_factor=capacity_factor)
+    )
     moe.experts.impl = impl
     x = torch.randn(2, 16, D, requires_grad=True)
     counter = SyncCounter(monkeypatch)
@@ -62,16 +66,25 @@ def as_bytes(value):
 
 def run_ranks(fn, world, *args):
     """fn(rank, world, *args) on `world` forked gloo ranks (tests/ranks.py); its results, rank order."""
-    return [torch.load(io.BytesIO(b), weights_only=False)
-            for b in ok_results(spawn(lambda rank, w: as_bytes(fn(rank, w, *args)), world, gloo=True))]
+    return [
+        torch.load(io.BytesIO(b), weights_only=False)
+        for b in ok_results(spawn(lambda rank, w: as_bytes(fn(rank, w, *args)), world, gloo=True))
+    ]
 
 
 def one_rank_layer(n_expert, capacity_factor):
     """A MoE layer whose selection bias sends every token's two choices to experts 0 and 1 (EP rank 0's,
     for n_expert = 2 * ep_size): the other ranks' experts receive no row at all."""
     torch.manual_seed(0)
-    cfg = ModelConfig(n_embd=D, n_head=2, n_expert=n_expert, top_k=2, expert_hidden=F_HIDDEN,
-                      capacity_factor=capacity_factor, aux_free_bias=True)
+    cfg = ModelConfig(
+        n_embd=D,
+        n_head=2,
+        n_expert=n_expert,
+        top_k=2,
+        expert_hidden=F_HIDDEN,
+        capacity_factor=capacity_factor,
+        aux_free_bias=True,
+    )
     moe = MoE(cfg)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.1)
@@ -109,10 +122,10 @@ def _ep_rank(rank, world, capacity_factor, count_syncs):
     if count_syncs:
         with pytest.MonkeyPatch.context() as mp_:
             counter = SyncCounter(mp_)
-            out = fwd_bwd(moe, x[rank:rank + 1], g[rank:rank + 1], 1)
+            out = fwd_bwd(moe, x[rank : rank + 1], g[rank : rank + 1], 1)
             syncs = counter.calls
     else:
-        out = fwd_bwd(moe, x[rank:rank + 1], g[rank:rank + 1], 1)
+        out = fwd_bwd(moe, x[rank : rank + 1], g[rank : rank + 1], 1)
     return out, rows, syncs
 
 
@@ -131,7 +144,7 @@ def test_bf16_expert_parallel_with_idle_ranks_equals_one_process(world, capacity
         torch.testing.assert_close(y[0].float(), y_ref[rank].float(), **tol)
         torch.testing.assert_close(gx[0], gx_ref[rank], **tol)
         for name in ("w1", "w3", "w2"):
-            full = grads_ref[f"experts.{name}"][2 * rank:2 * rank + 2]
+            full = grads_ref[f"experts.{name}"][2 * rank : 2 * rank + 2]
             local = grads[f"experts.{name}"]
             if rank == 0:
                 assert full.abs().sum() > 0

@@ -1,5 +1,6 @@
 """Model tests: causality, the grouped expert computation against a naive per-token reference,
 dense == single-expert MoE, gradients, and the parameter accounting of the Skywork presets."""
+
 import copy
 import dataclasses
 
@@ -12,8 +13,17 @@ from model import GPT, ModelConfig, count_params_meta
 
 
 def tiny(**kw):
-    base = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, n_expert=4, top_k=2,
-                expert_hidden=48, capacity_factor=0)
+    base = dict(
+        vocab_size=50,
+        block_size=16,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        n_expert=4,
+        top_k=2,
+        expert_hidden=48,
+        capacity_factor=0,
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -90,8 +100,15 @@ def test_dense_equals_single_expert_moe():
     torch.testing.assert_close(moe(idx, idx)[1], dense(idx, idx)[1], rtol=0, atol=1e-13)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(moe_every=2, capacity_factor=1.0, aux_loss="switch"),
-                                dict(n_kv_head=1, gate_norm=False), dict(tie_embeddings=True)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(moe_every=2, capacity_factor=1.0, aux_loss="switch"),
+        dict(n_kv_head=1, gate_norm=False),
+        dict(tie_embeddings=True),
+    ],
+)
 def test_backward_gives_finite_gradients_everywhere(kw):
     torch.manual_seed(4)
     model = GPT(tiny(**kw))
@@ -120,21 +137,26 @@ def test_active_parameter_accounting():
     assert counts["total"] - counts["active"] == 2 * 6 * per_expert  # 2 MoE layers, 6 idle experts each
 
 
-@pytest.mark.parametrize("preset,total,active", [("config/skywork_moe.toml", 146.4e9, 22.7e9),
-                                                 ("config/skywork_13b.toml", 13.9e9, 13.9e9)])
+@pytest.mark.parametrize(
+    "preset,total,active", [("config/skywork_moe.toml", 146.4e9, 22.7e9), ("config/skywork_13b.toml", 13.9e9, 13.9e9)]
+)
 def test_skywork_presets_parameter_counts(preset, total, active):
     import os
+
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (model_cfg,), _ = load_config([os.path.join(repo, preset)], [ModelConfig], ignore_unknown=True)
     counts = count_params_meta(model_cfg)
     assert abs(counts["total"] - total) < 0.1e9
     assert abs(counts["active"] - active) < 0.1e9
 
+
 # -----------------------------------------------------------------------------
 # the two expert implementations (model.Experts.impl): grouped_mm == the per-expert loop
 
+
 def experts_pair(E=4, D=32, Fh=48):
     from model import Experts
+
     torch.manual_seed(5)
     loop = Experts(E, D, Fh)
     for w in loop.parameters():
@@ -164,6 +186,7 @@ def test_grouped_mm_experts_equal_loop_fp32(counts):
 
 def test_expert_impl_choice():
     from model import grouped_mm_dtype
+
     loop, grouped = experts_pair()
     assert grouped_mm_dtype(torch.randn(3, 32), grouped.w1) == torch.float32
     # the fp64 tests take the loop
@@ -179,6 +202,7 @@ def test_expert_impl_choice():
 
 def test_auto_takes_the_loop_on_cpu_when_experts_get_many_rows(monkeypatch):
     from model import CPU_LOOP_ROWS, Experts
+
     ex = Experts(2, 32, 48)
     torch.nn.init.normal_(ex.w1)
     calls = []
@@ -191,17 +215,20 @@ def test_auto_takes_the_loop_on_cpu_when_experts_get_many_rows(monkeypatch):
 
 class FakeCudaRows:
     """Stands in for a CUDA tensor where grouped_mm_dtype only reads the device, dtype and shape."""
+
     device = torch.device("cuda", 0)
 
     def __init__(self, dtype):
         self.dtype = dtype
 
 
-@pytest.mark.parametrize("capability,fast", [((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True),
-                                             ((12, 0), False)])
+@pytest.mark.parametrize(
+    "capability,fast", [((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True), ((12, 0), False)]
+)
 def test_grouped_mm_chosen_by_cuda_capability(monkeypatch, capability, fast):
     # grouped_mm's fast kernels exist on sm90 / sm100 only; elsewhere torch loops and syncs per call
     from model import grouped_mm_dtype
+
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     w = torch.empty(4, 48, 32)
     expected = torch.bfloat16 if fast else None
@@ -219,8 +246,10 @@ def test_fused_w13_grouped_mm_equals_loop(counts):
     counts_E = torch.tensor(counts)
     x = torch.randn(sum(counts), 32)
     outs = []
-    for fn in (lambda xi: loop(xi, counts_E),
-               lambda xi: grouped.forward_grouped(xi, counts_E, torch.float32, fuse_w13=True)):
+    for fn in (
+        lambda xi: loop(xi, counts_E),
+        lambda xi: grouped.forward_grouped(xi, counts_E, torch.float32, fuse_w13=True),
+    ):
         xi = x.clone().requires_grad_()
         y = fn(xi)
         y.backward(torch.randn_like(y, generator=torch.Generator().manual_seed(1)))
@@ -273,4 +302,5 @@ def test_moe_layer_fp32_grouped_equals_loop_and_runs_under_autocast():
 
 def test_padded_vocab_size():
     from model import padded_vocab_size
+
     assert padded_vocab_size(50257) == 50304 and padded_vocab_size(50304) == 50304 and padded_vocab_size(1) == 64

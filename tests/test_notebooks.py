@@ -5,10 +5,12 @@ repository is browsed. ~1-2 min on 2 CPU cores for all five.
 
     python -m pytest -q tests/test_notebooks.py
 """
+
 import glob
 import os
 
 import pytest
+
 from conftest import REPO
 
 NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")))
@@ -47,8 +49,9 @@ def test_notebook_runs_in_fast_mode(path, tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MOE_NB_RUNS", runs)
     before = os.path.getmtime(path)
     nb = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                     resources={"metadata": {"path": os.path.dirname(path)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": os.path.dirname(path)}}
+    )
     client.execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors

@@ -5,6 +5,7 @@ hand and on the textbook equal-stage formula, the FLOP counts on a tiny config b
 
     python -m pytest -q tests/test_pipeline_bubble.py
 """
+
 import contextlib
 import io
 import itertools
@@ -25,8 +26,16 @@ def test_hand_computed_two_stages():
     makespan, timeline = pb.simulate([1, 2], [2, 4], 2)
     assert makespan == 15
     got = {(i, k, j): (s, e) for i, k, j, s, e in timeline}
-    assert got == {(0, "F", 0): (0, 1), (0, "F", 1): (1, 2), (0, "B", 0): (7, 9), (0, "B", 1): (13, 15),
-                   (1, "F", 0): (1, 3), (1, "B", 0): (3, 7), (1, "F", 1): (7, 9), (1, "B", 1): (9, 13)}
+    assert got == {
+        (0, "F", 0): (0, 1),
+        (0, "F", 1): (1, 2),
+        (0, "B", 0): (7, 9),
+        (0, "B", 1): (13, 15),
+        (1, "F", 0): (1, 3),
+        (1, "B", 0): (3, 7),
+        (1, "F", 1): (7, 9),
+        (1, "B", 1): (9, 13),
+    }
     assert pb.bubble([1, 2], [2, 4], 2)[0] == pytest.approx(0.4)
 
 
@@ -72,8 +81,17 @@ def test_paper_split(tmp_path):
     """Skywork-MoE's shape at 24 layers: [5,5,5,5,4] beats [4,5,5,5,5] by about the paper's 10 % of
     throughput per device at 16 micro-batches, and matches [6,6,6,6] (one stage fewer) there."""
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        rows = pb.main([os.path.join(REPO, "config", "skywork_moe.toml"), "n_layer=24", "--microbatches", "8", "16",
-                        "--out", str(tmp_path)])
+        rows = pb.main(
+            [
+                os.path.join(REPO, "config", "skywork_moe.toml"),
+                "n_layer=24",
+                "--microbatches",
+                "8",
+                "16",
+                "--out",
+                str(tmp_path),
+            ]
+        )
     b = {s: rows[(s, 16)][0] for s in [(4, 5, 5, 5, 5), (5, 5, 5, 5, 4), (6, 6, 6, 6)]}
     gain = (1 - b[(5, 5, 5, 5, 4)]) / (1 - b[(4, 5, 5, 5, 5)])
     assert 1.05 < gain < 1.15, gain

@@ -24,6 +24,7 @@ nothing, and say what to do. One test (or a few) per case, on tiny models:
 Kills and signals run in subprocesses (python -c, or train.py itself) or forked ranks, with every wait
 bounded.
 """
+
 import contextlib
 import copy
 import io
@@ -34,7 +35,6 @@ import queue
 import random
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -52,14 +52,27 @@ import train
 from checkpoint import CheckpointError, RunDir, load_checkpoint, payload_checksum
 from config import load_config as load_configs
 from conftest import REPO
+from expert_parallel import free_port
 from model import GPT, ModelConfig
 from router import AuxCoefficients
 
 PRESET = os.path.join(REPO, "config", "shakespeare_char.toml")
 EP2_PRESET = os.path.join(REPO, "config", "shakespeare_char_ep2.toml")
 # saves at iterations 2, 4, 6, 8 (keep_last=2 keeps 6 and 8); dropout so that resuming must restore the RNG
-TINY = ["n_layer=2", "n_embd=64", "n_head=2", "block_size=32", "batch_size=8", "eval_iters=1",
-        "log_interval=1", "warmup_iters=2", "lr_decay_iters=8", "dropout=0.1", "eval_interval=2", "max_iters=8"]
+TINY = [
+    "n_layer=2",
+    "n_embd=64",
+    "n_head=2",
+    "block_size=32",
+    "batch_size=8",
+    "eval_iters=1",
+    "log_interval=1",
+    "warmup_iters=2",
+    "lr_decay_iters=8",
+    "dropout=0.1",
+    "eval_interval=2",
+    "max_iters=8",
+]
 
 
 # one CPU thread everywhere (this process, subprocesses, forked ranks): the machine's two cores are
@@ -124,8 +137,14 @@ def reference(tmp_path_factory, char_data_dir):
     def save(self, iter_num, val_loss=None, **state):
         if iter_num == 8:
             shutil.copytree(out, root / "before-final-save")
-            FINAL_SAVE.update(dir=root / "before-final-save", iter_num=iter_num, val_loss=val_loss,
-                              best_val=self.best_val, last_saved=self.last_saved, state=copy.deepcopy(state))
+            FINAL_SAVE.update(
+                dir=root / "before-final-save",
+                iter_num=iter_num,
+                val_loss=val_loss,
+                best_val=self.best_val,
+                last_saved=self.last_saved,
+                state=copy.deepcopy(state),
+            )
         return real_save(self, iter_num, val_loss, **state)
 
     RunDir.save = save
@@ -159,8 +178,10 @@ def main_fails(argv_, capsys, *fragments):
         assert fragment in err, (fragment, err)
     return err.strip()
 
+
 # -----------------------------------------------------------------------------
 # 7. determinism (first: the other tests compare against the reference byte for byte)
+
 
 def test_same_seed_gives_the_same_metrics_file(tmp_path, char_data_dir, reference):
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -170,8 +191,10 @@ def test_same_seed_gives_the_same_metrics_file(tmp_path, char_data_dir, referenc
     assert "tok/s" in printed
     assert {s: signal.getsignal(s) for s in handlers} == handlers  # train() restored them
 
+
 # -----------------------------------------------------------------------------
 # 1. atomic checkpoints and retention
+
 
 def evals_of(out_dir):
     return {r["iter"]: r["val_loss"] for r in records(out_dir) if "val_loss" in r and r["iter"] > 0}
@@ -211,17 +234,23 @@ train.main(sys.argv[1:])
 
 def test_sigkill_while_saving_keeps_the_previous_checkpoint(tmp_path, char_data_dir, reference):
     out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "-c", KILL_IN_SECOND_SAVE.format(repo=REPO), *argv(char_data_dir, out)],
-                       cwd=REPO, env=ONE_THREAD, capture_output=True, text=True, timeout=180)
+    p = subprocess.run(
+        [sys.executable, "-c", KILL_IN_SECOND_SAVE.format(repo=REPO), *argv(char_data_dir, out)],
+        cwd=REPO,
+        env=ONE_THREAD,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
-    assert os.path.getsize(out / "ckpt.pt.tmp") > 0                     # killed mid-write...
-    assert ckpt_iter(out / "ckpt.pt") == 2                              # ...the previous one is whole
-    assert max(r["iter"] for r in records(out)) == 4                    # it had logged up to 4
+    assert os.path.getsize(out / "ckpt.pt.tmp") > 0  # killed mid-write...
+    assert ckpt_iter(out / "ckpt.pt") == 2  # ...the previous one is whole
+    assert max(r["iter"] for r in records(out)) == 4  # it had logged up to 4
     printed = run_here(argv(char_data_dir, out, "init_from=resume"))
     assert "resumed from" in printed and "at iteration 2" in printed
     # nothing lost, nothing twice: steps 3-4 were trimmed from the log and trained again
     assert read(out / "metrics.jsonl") == read(reference / "metrics.jsonl")
-    assert sorted(os.listdir(out)) == sorted(os.listdir(reference))     # the stale .tmp is gone
+    assert sorted(os.listdir(out)) == sorted(os.listdir(reference))  # the stale .tmp is gone
 
 
 class Killed(BaseException):
@@ -245,6 +274,7 @@ class DyingOS:
                 raise Killed(name)
             self.calls.append((name, *map(os.path.basename, map(str, args))))
             return getattr(os, name)(*args, **kwargs)
+
         return change
 
     link, replace, remove = _change("link"), _change("replace"), _change("remove")
@@ -318,8 +348,10 @@ def test_resume_of_a_finished_run_repairs_a_kill_between_rename_and_links(tmp_pa
     for name in os.listdir(reference):
         assert read(out / name) == read(reference / name), name
 
+
 # -----------------------------------------------------------------------------
 # 2. integrity: corrupted checkpoints, damaged fields, broken metrics files
+
 
 def tensor_data_spans(path):
     """(entry name, file offset, length) of every tensor storage in a torch.save zip file: the records
@@ -366,8 +398,12 @@ def test_a_corrupted_checkpoint_stops_the_resume(tmp_path, char_data_dir, refere
     name, off, size = max(tensor_data_spans(reference / "ckpt.pt"), key=lambda s: s[2])
     data[off + size // 2] ^= 0x40  # an exponent bit of a weight: the kind of flip that made one 1.4e37
     (out / "ckpt.pt").write_bytes(bytes(data))
-    main_fails(argv(char_data_dir, out, "init_from=resume"), capsys, f"{out}/ckpt.pt is corrupt",
-               "other checkpoints there, newest first: ckpt-8.pt, ckpt-6.pt, best.pt")
+    main_fails(
+        argv(char_data_dir, out, "init_from=resume"),
+        capsys,
+        f"{out}/ckpt.pt is corrupt",
+        "other checkpoints there, newest first: ckpt-8.pt, ckpt-6.pt, best.pt",
+    )
 
 
 def damaged_copy(reference, out, damage):
@@ -384,10 +420,14 @@ def damaged_copy(reference, out, damage):
 DAMAGED_FIELDS = {
     "missing rng": (lambda c: c.pop("rng"), "it has no rng"),
     "rng without data": (lambda c: c["rng"].pop("data"), "its rng entry lacks the torch or data generator state"),
-    "rng state of the wrong size": (lambda c: c["rng"].update(torch=c["rng"]["torch"][:100]),
-                                    "its torch RNG state has shape (100,)"),
-    "optimizer group count": (lambda c: c["optimizer"].update(param_groups=c["optimizer"]["param_groups"][:1]),
-                              "its optimizer state has 1 parameter groups"),
+    "rng state of the wrong size": (
+        lambda c: c["rng"].update(torch=c["rng"]["torch"][:100]),
+        "its torch RNG state has shape (100,)",
+    ),
+    "optimizer group count": (
+        lambda c: c["optimizer"].update(param_groups=c["optimizer"]["param_groups"][:1]),
+        "its optimizer state has 1 parameter groups",
+    ),
     "iter_num not an int": (lambda c: c.update(iter_num=-3), "its iter_num -3 is not an iteration"),
 }
 
@@ -398,16 +438,23 @@ def test_damaged_checkpoint_field_is_one_line(tmp_path, char_data_dir, reference
     damage, fragment = DAMAGED_FIELDS[case]
     out = tmp_path / "out"
     damaged_copy(reference, out, damage)
-    main_fails(argv(char_data_dir, out, "init_from=resume", "max_iters=10"), capsys,
-               f"{out}/ckpt.pt cannot be resumed: {fragment}", "Resume from another checkpoint")
+    main_fails(
+        argv(char_data_dir, out, "init_from=resume", "max_iters=10"),
+        capsys,
+        f"{out}/ckpt.pt cannot be resumed: {fragment}",
+        "Resume from another checkpoint",
+    )
 
 
-@pytest.mark.parametrize("case,fragment", [
-    ("binary", "holds binary data, not JSON lines"),
-    ("not json", "line 1 is not JSON"),
-    ("not records", "line 1 is not a metrics record"),
-    ("directory", "is a directory, not the run's metrics file"),
-])
+@pytest.mark.parametrize(
+    "case,fragment",
+    [
+        ("binary", "holds binary data, not JSON lines"),
+        ("not json", "line 1 is not JSON"),
+        ("not records", "line 1 is not a metrics record"),
+        ("directory", "is a directory, not the run's metrics file"),
+    ],
+)
 def test_broken_metrics_file_on_resume_is_one_line(tmp_path, char_data_dir, reference, capsys, case, fragment):
     out = tmp_path / "out"
     shutil.copytree(reference, out)
@@ -421,8 +468,9 @@ def test_broken_metrics_file_on_resume_is_one_line(tmp_path, char_data_dir, refe
         metrics.write_text("[1, 2, 3]\n")
     else:
         os.makedirs(metrics)
-    main_fails(argv(char_data_dir, out, "init_from=resume", "max_iters=10"), capsys, f"{metrics}", fragment,
-               "and resume again")
+    main_fails(
+        argv(char_data_dir, out, "init_from=resume", "max_iters=10"), capsys, f"{metrics}", fragment, "and resume again"
+    )
 
 
 def test_failed_metrics_write_is_one_line_exit_1(tmp_path, char_data_dir):
@@ -431,21 +479,34 @@ def test_failed_metrics_write_is_one_line_exit_1(tmp_path, char_data_dir):
     out = tmp_path / "out"
     os.makedirs(out)
     os.symlink("/dev/full", out / "metrics.jsonl")
-    p = subprocess.run([sys.executable, "train.py", *argv(char_data_dir, out)], cwd=REPO, env=ONE_THREAD,
-                       capture_output=True, text=True, timeout=180)
+    p = subprocess.run(
+        [sys.executable, "train.py", *argv(char_data_dir, out)],
+        cwd=REPO,
+        env=ONE_THREAD,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert p.returncode == 1, p.stderr[-3000:]
     assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert p.stderr.startswith(f"error: could not write {out}/metrics.jsonl (No space left on device)")
     assert "is full" in p.stderr and "continue with init_from=resume" in p.stderr
 
+
 # -----------------------------------------------------------------------------
 # 3. SIGTERM / SIGINT
+
 
 def test_sigterm_checkpoints_at_step_boundary_exits_0_and_resumes_bit_exactly(tmp_path, char_data_dir, reference):
     out = tmp_path / "out"
     log = open(tmp_path / "stdout.txt", "w+")
-    proc = subprocess.Popen([sys.executable, "train.py", *argv(char_data_dir, out)], cwd=REPO, stdout=log,
-                            stderr=subprocess.STDOUT, env=ONE_THREAD)
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *argv(char_data_dir, out)],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=ONE_THREAD,
+    )
     try:
         deadline = time.time() + 120
         while not (out / "metrics.jsonl").exists() or '"loss"' not in (out / "metrics.jsonl").read_text():
@@ -466,21 +527,22 @@ def test_sigterm_checkpoints_at_step_boundary_exits_0_and_resumes_bit_exactly(tm
     run_here(argv(char_data_dir, out, "init_from=resume"))
     assert read(out / "metrics.jsonl") == read(reference / "metrics.jsonl")
 
+
 # forked ranks: torchrun's environment (env://: rank 0 hosts the rendezvous store, as in a bare launch)
 
 EP_TINY = ["route_groups=2", "backend=gloo", "dist_timeout_s=60"]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_entry(fn, rank, world, port, results, args):
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     try:
         results.put((rank, "ok", fn(rank, world, *args)))
     except BaseException as e:  # SystemExit included: the message is what the tests check
@@ -533,6 +595,7 @@ def _ep_run(rank, world, args, signal_rank=None, signal_at=None):
             if it == signal_at:
                 os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C reaching one rank only
             return real_lr_at(it, tcfg)
+
         train.lr_at = lr_at
     return run_here(args)
 
@@ -540,6 +603,7 @@ def _ep_run(rank, world, args, signal_rank=None, signal_at=None):
 def test_torchrun_ranks_agree_on_the_stop_step_and_resume_bit_exactly(tmp_path, char_data_dir):
     def args(out, *extra):
         return argv(char_data_dir, tmp_path / out, *EP_TINY, *extra, preset=EP2_PRESET)
+
     printed = ok_results(spawn(_ep_run, 2, args("split"), 1, 3, timeout=150))  # both ranks returned
     assert "SIGINT received: stopped at iteration 4" in printed[0]
     assert ckpt_iter(tmp_path / "split" / "ckpt.pt") == 4
@@ -548,11 +612,14 @@ def test_torchrun_ranks_agree_on_the_stop_step_and_resume_bit_exactly(tmp_path, 
     # determinism at world size 2, and the stop + resume reproduces it
     assert read(tmp_path / "split" / "metrics.jsonl") == read(tmp_path / "straight" / "metrics.jsonl")
 
+
 # -----------------------------------------------------------------------------
 # 4. non-finite loss or gradients
 
+
 def poisoned_gpt(layer, at_step, last_step=None):
     """A GPT whose MoE layer `layer` gets a NaN router input in training forwards at_step..last_step."""
+
     class Poisoned(GPT):
         def __init__(self, cfg):
             super().__init__(cfg)
@@ -566,6 +633,7 @@ def poisoned_gpt(layer, at_step, last_step=None):
         def poison(self, module, args):
             if self.training and at_step <= self.forwards <= (last_step or at_step):
                 return (args[0] * float("nan"),) + tuple(args[1:])
+
     return Poisoned
 
 
@@ -588,8 +656,12 @@ def test_nonfinite_step_is_skipped_and_named(tmp_path, char_data_dir, monkeypatc
 def test_nonfinite_step_stops_the_run_without_writing(tmp_path, char_data_dir, monkeypatch):
     monkeypatch.setattr(train, "GPT", poisoned_gpt(layer=1, at_step=5))
     out = tmp_path / "out"
-    msg = expect_error(argv(char_data_dir, out, "on_nonfinite=stop"), "MoE layer 1 went bad first",
-                       f"the last checkpoint, {out}/ckpt.pt (iteration 4), is untouched", "init_from=resume")
+    msg = expect_error(
+        argv(char_data_dir, out, "on_nonfinite=stop"),
+        "MoE layer 1 went bad first",
+        f"the last checkpoint, {out}/ckpt.pt (iteration 4), is untouched",
+        "init_from=resume",
+    )
     assert msg.startswith("iteration 5: non-finite values"), msg
     assert ckpt_iter(out / "ckpt.pt") == 4
     assert sorted(os.listdir(out)) == ["best.pt", "ckpt-2.pt", "ckpt-4.pt", "ckpt.pt", "metrics.jsonl"]
@@ -598,8 +670,12 @@ def test_nonfinite_step_stops_the_run_without_writing(tmp_path, char_data_dir, m
 
 def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path, char_data_dir, monkeypatch):
     monkeypatch.setattr(train, "GPT", poisoned_gpt(layer=0, at_step=3, last_step=99))  # diverged for good
-    msg = expect_error(argv(char_data_dir, tmp_path / "out", "max_skipped_steps=2"), "MoE layer 0 went bad first",
-                       "Stopped after 3 bad steps in a row (max_skipped_steps=2)", "(iteration 4), is untouched")
+    msg = expect_error(
+        argv(char_data_dir, tmp_path / "out", "max_skipped_steps=2"),
+        "MoE layer 0 went bad first",
+        "Stopped after 3 bad steps in a row (max_skipped_steps=2)",
+        "(iteration 4), is untouched",
+    )
     assert msg.startswith("iteration 5: non-finite values"), msg
     assert [r["iter"] for r in records(tmp_path / "out") if "skipped" in r] == [3, 4]
 
@@ -607,8 +683,10 @@ def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path, char_data_dir, monkeypa
 def test_a_run_that_skipped_every_step_is_an_error(tmp_path, char_data_dir, monkeypatch):
     """Issue 12.5: a setting that makes every step non-finite must not end a run with exit code 0."""
     monkeypatch.setattr(train, "GPT", poisoned_gpt(layer=0, at_step=1, last_step=99))
-    expect_error(argv(char_data_dir, tmp_path / "out", "max_iters=3", "max_skipped_steps=10"),
-                 "every one of the 3 steps of this run was skipped")
+    expect_error(
+        argv(char_data_dir, tmp_path / "out", "max_iters=3", "max_skipped_steps=10"),
+        "every one of the 3 steps of this run was skipped",
+    )
 
 
 def test_nonfinite_gradient_names_the_parameter_and_changes_nothing():
@@ -620,16 +698,25 @@ def test_nonfinite_gradient_names_the_parameter_and_changes_nothing():
     x = torch.randint(32, (2, 9))
     model.blocks[0].attn.wv.weight.register_hook(lambda g: g * float("inf"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    step = train.train_step(model, optimizer, [(x[:, :-1], x[:, 1:])], AuxCoefficients(2), tcfg,
-                            torch.autocast("cpu", enabled=False), tp.TPGroups.local())
+    step = train.train_step(
+        model,
+        optimizer,
+        [(x[:, :-1], x[:, 1:])],
+        AuxCoefficients(2),
+        tcfg,
+        torch.autocast("cpu", enabled=False),
+        tp.TPGroups.local(),
+    )
     assert "router statistics finite in every MoE layer" in step.problem
     assert "non-finite gradient in blocks.0.attn.wv.weight" in step.problem
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no update
-    assert all(p.grad is None for p in model.parameters())                         # grads dropped
+    assert all(p.grad is None for p in model.parameters())  # grads dropped
+
 
 # -----------------------------------------------------------------------------
 # 5. bad inputs: one line that says what to do (in-process: the exception main() prints as one line;
 #    the command line: test_cli_errors_are_one_line_without_traceback)
+
 
 def copy_dataset(src_data_dir, dst, train_bin=None, vocab_size=None):
     root = dst / "shakespeare_char"
@@ -643,8 +730,12 @@ def copy_dataset(src_data_dir, dst, train_bin=None, vocab_size=None):
 
 
 def test_missing_data_names_the_prepare_command(tmp_path):
-    expect_error(argv(tmp_path / "nodata", tmp_path / "out"), "train.bin and", "not found",
-                 f"python {REPO}/data/shakespeare_char/prepare.py --out_dir {tmp_path}/nodata/shakespeare_char")
+    expect_error(
+        argv(tmp_path / "nodata", tmp_path / "out"),
+        "train.bin and",
+        "not found",
+        f"python {REPO}/data/shakespeare_char/prepare.py --out_dir {tmp_path}/nodata/shakespeare_char",
+    )
     expect_error(argv(tmp_path / "nodata", tmp_path / "out", "dataset=mydata"), "has no prepare.py")
 
 
@@ -655,51 +746,73 @@ def test_truncated_data_file(tmp_path, char_data_dir):
 
 def test_token_ids_beyond_the_vocabulary(tmp_path, char_data_dir):
     data_dir = copy_dataset(char_data_dir, tmp_path / "d", vocab_size=40)
-    expect_error(argv(data_dir, tmp_path / "out"), "train.bin holds token id", "but vocab_size=40", "meta.json",
-                 "tokenized for another vocabulary")
+    expect_error(
+        argv(data_dir, tmp_path / "out"),
+        "train.bin holds token id",
+        "but vocab_size=40",
+        "meta.json",
+        "tokenized for another vocabulary",
+    )
 
 
 def test_block_size_longer_than_the_data(tmp_path, char_data_dir):
-    expect_error(argv(char_data_dir, tmp_path / "out", "block_size=200000"), ".bin holds",
-                 "tokens, fewer than block_size+2=200002", "lower block_size")
+    expect_error(
+        argv(char_data_dir, tmp_path / "out", "block_size=200000"),
+        ".bin holds",
+        "tokens, fewer than block_size+2=200002",
+        "lower block_size",
+    )
 
 
 def test_checkpoint_of_another_model_config(tmp_path, char_data_dir, reference):
     out = tmp_path / "out"
     shutil.copytree(reference, out)
     vocab = load_checkpoint(str(reference / "ckpt.pt"))["model_config"]["vocab_size"]
-    expect_error(argv(char_data_dir, out, "init_from=resume", "n_embd=32"),
-                 "n_embd=32 (command line), 64 in the checkpoint", f"tok_emb.weight ({vocab}, 64) -> ({vocab}, 32)",
-                 "drop these settings")
+    expect_error(
+        argv(char_data_dir, out, "init_from=resume", "n_embd=32"),
+        "n_embd=32 (command line), 64 in the checkpoint",
+        f"tok_emb.weight ({vocab}, 64) -> ({vocab}, 32)",
+        "drop these settings",
+    )
     # a checkpoint whose tensors do not fit its own config (another version of model.py)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     ckpt["model"]["blocks.0.attn.wq.weight"] = ckpt["model"]["blocks.0.attn.wq.weight"][:32]
     ckpt["checksum"] = payload_checksum(ckpt)
     torch.save(ckpt, out / "edited.pt")
-    expect_error(argv(char_data_dir, tmp_path / "out2", f"init_from={out}/edited.pt"),
-                 "does not fit the model its config describes", "blocks.0.attn.wq.weight is (32, 64) there, (64, 64)")
+    expect_error(
+        argv(char_data_dir, tmp_path / "out2", f"init_from={out}/edited.pt"),
+        "does not fit the model its config describes",
+        "blocks.0.attn.wq.weight is (32, 64) there, (64, 64)",
+    )
 
 
 def test_checkpoints_that_are_not_ours_or_broken(tmp_path, char_data_dir, reference):
     (tmp_path / "random.pt").write_bytes(os.urandom(4096))
-    expect_error(argv(char_data_dir, tmp_path / "o1", f"init_from={tmp_path}/random.pt"),
-                 "is not a readable checkpoint")
+    expect_error(
+        argv(char_data_dir, tmp_path / "o1", f"init_from={tmp_path}/random.pt"), "is not a readable checkpoint"
+    )
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
-    expect_error(argv(char_data_dir, tmp_path / "o2", f"init_from={tmp_path}/foreign.pt"),
-                 "is not a checkpoint of this project")
+    expect_error(
+        argv(char_data_dir, tmp_path / "o2", f"init_from={tmp_path}/foreign.pt"), "is not a checkpoint of this project"
+    )
     out = tmp_path / "out"
     shutil.copytree(reference, out)
     os.remove(out / "ckpt.pt")  # a hard link to ckpt-8.pt: write a truncated copy, not into that file
     (out / "ckpt.pt").write_bytes(read(reference / "ckpt.pt")[:100_000])
-    expect_error(argv(char_data_dir, out, "init_from=resume"), "is not a readable checkpoint",
-                 "other checkpoints there, newest first: ckpt-8.pt, ckpt-6.pt, best.pt", f"ln -f {out}/ckpt-8.pt")
+    expect_error(
+        argv(char_data_dir, out, "init_from=resume"),
+        "is not a readable checkpoint",
+        "other checkpoints there, newest first: ckpt-8.pt, ckpt-6.pt, best.pt",
+        f"ln -f {out}/ckpt-8.pt",
+    )
     expect_error(argv(char_data_dir, tmp_path / "empty", "init_from=resume"), "nothing to resume")
     weights_only = load_checkpoint(str(reference / "ckpt.pt"))
     os.makedirs(tmp_path / "w")
     weights_only = {**weights_only, "optimizer": None, "coefficients": None}
     torch.save({**weights_only, "checksum": payload_checksum(weights_only)}, tmp_path / "w" / "ckpt.pt")
-    expect_error(argv(char_data_dir, tmp_path / "w", "init_from=resume"), "holds weights only",
-                 f"init_from={tmp_path}/w/ckpt.pt")
+    expect_error(
+        argv(char_data_dir, tmp_path / "w", "init_from=resume"), "holds weights only", f"init_from={tmp_path}/w/ckpt.pt"
+    )
 
 
 def test_out_dir_not_writable(tmp_path, char_data_dir):
@@ -716,24 +829,37 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, char_dat
             return real_save(obj, f, *args, **kwargs)
         f.write(b"\0" * 1000)
         raise OSError(28, os.strerror(28))  # ENOSPC, part-way through the write
+
     monkeypatch.setattr(torch, "save", save_until_disk_full)
     out = tmp_path / "out"
-    expect_error(argv(char_data_dir, out), f"could not write {out}/ckpt.pt (No space left on device)",
-                 "is full: free space there", f"{out}/ckpt.pt holds the last complete checkpoint",
-                 "init_from=resume")
+    expect_error(
+        argv(char_data_dir, out),
+        f"could not write {out}/ckpt.pt (No space left on device)",
+        "is full: free space there",
+        f"{out}/ckpt.pt holds the last complete checkpoint",
+        "init_from=resume",
+    )
     monkeypatch.setattr(torch, "save", real_save)
     assert ckpt_iter(out / "ckpt.pt") == 2 and not (out / "ckpt.pt.tmp").exists()
 
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path):
     """The real command line (config errors: tests/test_bad_inputs.py)."""
-    p = subprocess.run([sys.executable, "train.py", f"data_dir={tmp_path}/nodata", f"out_dir={tmp_path}/out"],
-                       cwd=REPO, env=ONE_THREAD, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "train.py", f"data_dir={tmp_path}/nodata", f"out_dir={tmp_path}/out"],
+        cwd=REPO,
+        env=ONE_THREAD,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
     assert p.stderr.startswith("error: ") and "prepare.py --out_dir" in p.stderr
 
+
 # -----------------------------------------------------------------------------
 # 6. distributed faults
+
 
 def _fault_in_all_to_all(rank, world, args):
     if rank == 1:
@@ -744,6 +870,7 @@ def _fault_in_all_to_all(rank, world, args):
             if len(calls) == 3:  # layer 1's dispatch of the first step: rank 0 is already waiting in it
                 raise RuntimeError("injected fault in the all-to-all")
             return real(*a, **k)
+
         ep.all_to_all = failing_all_to_all
     with contextlib.redirect_stderr(io.StringIO()):
         return run_here(args)
@@ -778,6 +905,7 @@ def _killed_at(rank, world, args, victim, at_iter, stamp, sig=signal.SIGKILL):
                     f.write(repr(time.time()))
                 os.kill(os.getpid(), sig)
             return real_lr_at(it, tcfg)
+
         train.lr_at = lr_at
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
@@ -848,10 +976,24 @@ def test_stopped_rank_ends_its_peer_within_dist_timeout_s(tmp_path, char_data_di
     args = argv(char_data_dir, out, *EP_TINY, *LONG, f"dist_timeout_s={timeout_s}", preset=EP2_PRESET)
     procs = []
     for rank in range(2):
-        env = {**ONE_THREAD, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-               "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
-        procs.append(subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        env = {
+            **ONE_THREAD,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "train.py", *args],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     try:
         deadline = time.time() + 120
         while not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").read_text().count('"loss"') < 2:

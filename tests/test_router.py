@@ -1,14 +1,25 @@
 """Router math on hand-computed examples (DESIGN.md "Tests"): top-k and renormalisation (eq. 2),
 capacity and drops, balance losses (eq. 4, Switch), z-loss, gate normalization (eq. 6), the adaptive
 coefficient rule (eq. 7-9) and the aux-free bias."""
+
 import math
 
 import pytest
 import torch
 
-from router import (AuxCoefficients, Router, adaptive_alpha_step, aux_free_bias_step, aux_loss_eq4,
-                    aux_loss_switch, dispatch_plan, expert_capacity, normalize_gate_logits,
-                    router_z_loss, top_k_gating)
+from router import (
+    AuxCoefficients,
+    Router,
+    adaptive_alpha_step,
+    aux_free_bias_step,
+    aux_loss_eq4,
+    aux_loss_switch,
+    dispatch_plan,
+    expert_capacity,
+    normalize_gate_logits,
+    router_z_loss,
+    top_k_gating,
+)
 
 
 def test_top_k_and_renormalisation():
@@ -21,9 +32,9 @@ def test_top_k_and_renormalisation():
 
 
 def test_capacity_formula():
-    assert expert_capacity(8, 2, 4, 1.0) == 4            # ceil(1.0 * 8 * 2 / 4)
-    assert expert_capacity(10, 2, 4, 1.25) == 7          # ceil(6.25)
-    assert expert_capacity(10, 2, 4, 0) is None           # 0 / None: dropless
+    assert expert_capacity(8, 2, 4, 1.0) == 4  # ceil(1.0 * 8 * 2 / 4)
+    assert expert_capacity(10, 2, 4, 1.25) == 7  # ceil(6.25)
+    assert expert_capacity(10, 2, 4, 0) is None  # 0 / None: dropless
     assert expert_capacity(10, 2, 4, None) is None
 
 
@@ -50,7 +61,7 @@ def test_dropless_keeps_everything_sorted_by_expert():
 
 
 def test_capacity_is_per_routing_group():
-    ids = torch.zeros(4, 1, dtype=torch.long)     # every token wants expert 0
+    ids = torch.zeros(4, 1, dtype=torch.long)  # every token wants expert 0
     _, counts, keep = dispatch_plan(ids, n_expert=2, capacity=1, n_group=2)
     assert keep[:, 0].tolist() == [True, False, True, False]  # first token of each group kept
     assert counts.tolist() == [2, 0]
@@ -76,14 +87,15 @@ def test_switch_loss_minimum_and_growth():
     ids2 = torch.stack([torch.arange(T) % E, (torch.arange(T) + 1) % E], -1).view(1, T, 2)
     assert aux_loss_switch(probs, ids2).item() == pytest.approx(1.0)
     # everything on expert 0 with all probability there: E * 1 * 1
-    skew = torch.zeros(1, T, E); skew[..., 0] = 1.0
+    skew = torch.zeros(1, T, E)
+    skew[..., 0] = 1.0
     assert aux_loss_switch(skew, torch.zeros(1, T, 1, dtype=torch.long)).item() == pytest.approx(E)
 
 
 def test_z_loss_value():
     assert router_z_loss(torch.zeros(3, 4)).item() == pytest.approx(math.log(4) ** 2)
     logits = torch.tensor([[1.0, 2.0]])
-    assert router_z_loss(logits).item() == pytest.approx(math.log(math.e + math.e ** 2) ** 2)
+    assert router_z_loss(logits).item() == pytest.approx(math.log(math.e + math.e**2) ** 2)
 
 
 @pytest.mark.parametrize("lam", [0.5, 1.0, 2.0])
@@ -135,7 +147,7 @@ def test_aux_free_bias_moves_toward_balance_and_never_touches_combine_weights():
     router = Router(8, 4, 1, capacity_factor=0, gate_norm=False, aux_free_bias=True)
     with torch.no_grad():
         router.weight.copy_(0.3 * torch.randn(4, 8))
-        router.weight[0] += 0.3                       # expert 0 is everyone's favourite
+        router.weight[0] += 0.3  # expert 0 is everyone's favourite
     x = torch.randn(512, 8).abs()
     cv_before = router(x).load_cv.item()
     for _ in range(300):
@@ -151,7 +163,7 @@ def test_router_reports_drop_rate_and_load():
     torch.nn.init.normal_(router.weight)
     out = router(torch.randn(64, 8))
     assert out.drop_rate.item() == pytest.approx(1 - out.keep_TK.float().mean().item())
-    assert out.drop_rate.item() >= 0.5 - 1e-6          # capacity 0.5: at most half the slots fit
+    assert out.drop_rate.item() >= 0.5 - 1e-6  # capacity 0.5: at most half the slots fit
     assert out.load_E.sum().item() == 64 * 2
     assert out.counts_E.sum().item() == out.keep_TK.sum().item()
     assert out.max1_max2.item() >= 1.0 and out.max2_max3.item() >= 1.0

@@ -1,5 +1,6 @@
 """Training loop tests: config handling, a short run that learns, metrics, stop-and-resume, sampling,
 (data preparation: test_prepare.py). All on the quick-start preset (config/shakespeare_char.toml) made smaller."""
+
 import json
 import os
 import subprocess
@@ -7,12 +8,12 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
 
 import checkpoint
 import train as train_module
 from config import ConfigError
 from config import load_config as load_configs
+from conftest import REPO
 from model import ModelConfig
 from router import STAT_NAMES
 from train import TrainConfig, train
@@ -22,9 +23,18 @@ def load_config(argv):
     (model_cfg, tcfg), sources = load_configs(argv, [ModelConfig, TrainConfig])
     return model_cfg, tcfg, sources
 
+
 PRESET = os.path.join(REPO, "config", "shakespeare_char.toml")
-SMALL = ["n_layer=2", "n_embd=64", "n_head=2", "block_size=32", "batch_size=8", "eval_iters=4",
-         "log_interval=1", "warmup_iters=4"]
+SMALL = [
+    "n_layer=2",
+    "n_embd=64",
+    "n_head=2",
+    "block_size=32",
+    "batch_size=8",
+    "eval_iters=4",
+    "log_interval=1",
+    "warmup_iters=4",
+]
 
 
 def run(tmp_path, data_dir, *overrides, name="out"):
@@ -34,8 +44,10 @@ def run(tmp_path, data_dir, *overrides, name="out"):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return out, last, [json.loads(line) for line in f]
 
+
 # -----------------------------------------------------------------------------
 # config
+
 
 def test_quick_start_preset_is_the_default():
     assert load_config([])[:2] == load_config([PRESET])[:2]
@@ -49,8 +61,10 @@ def test_precedence_defaults_file_command_line(tmp_path):
     assert sources == {"n_layer": str(cfg_file), "learning_rate": "command line"}
 
 
-@pytest.mark.parametrize("arg,nearest", [("--n_layr=3", "n_layer"), ("gate_lamda=2", "gate_lambda"),
-                                         ("--capacity-factr=1", "capacity_factor")])
+@pytest.mark.parametrize(
+    "arg,nearest",
+    [("--n_layr=3", "n_layer"), ("gate_lamda=2", "gate_lambda"), ("--capacity-factr=1", "capacity_factor")],
+)
 def test_command_line_typo_names_nearest_key(arg, nearest):
     with pytest.raises(ConfigError, match=f"did you mean '{nearest}'"):
         load_config([arg])
@@ -63,19 +77,22 @@ def test_config_file_typo_names_file_and_nearest_key(tmp_path):
         load_config([str(cfg_file)])
 
 
-@pytest.mark.parametrize("args,message", [
-    (["top_k=4", "n_expert=2"], "top_k=4 must be in \\[1, n_expert=2\\]"),
-    (["capacity_factor=-1"], "capacity_factor=-1.0 must be >= 0"),
-    (["gate_lambda=0"], "gate_lambda=0.0 must be > 0"),
-    (["n_layer=abc"], "n_layer='abc': expected int"),
-    (["gate_norm=maybe"], "expected true or false"),
-    (["aux_loss=l2"], "aux_loss='l2'"),
-    (["aux_beta=1.0"], "aux_beta=1.0 is out of range: it must be in \\[0.0, 0.999999\\]"),
-    (["lr_schedule=linear"], "use one of 'cosine', 'constant'"),
-    (["learning_rate=inf"], "learning_rate='inf': must be a finite number"),
-    (["seed=18446744073709551616"], "seed=18446744073709551616 is out of range"),
-    (["n_embd=100", "n_head=3"], "multiple of n_head"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["top_k=4", "n_expert=2"], "top_k=4 must be in \\[1, n_expert=2\\]"),
+        (["capacity_factor=-1"], "capacity_factor=-1.0 must be >= 0"),
+        (["gate_lambda=0"], "gate_lambda=0.0 must be > 0"),
+        (["n_layer=abc"], "n_layer='abc': expected int"),
+        (["gate_norm=maybe"], "expected true or false"),
+        (["aux_loss=l2"], "aux_loss='l2'"),
+        (["aux_beta=1.0"], "aux_beta=1.0 is out of range: it must be in \\[0.0, 0.999999\\]"),
+        (["lr_schedule=linear"], "use one of 'cosine', 'constant'"),
+        (["learning_rate=inf"], "learning_rate='inf': must be a finite number"),
+        (["seed=18446744073709551616"], "seed=18446744073709551616 is out of range"),
+        (["n_embd=100", "n_head=3"], "multiple of n_head"),
+    ],
+)
 def test_invalid_values_fail_with_actionable_message(args, message):
     with pytest.raises(ConfigError, match=message):
         load_config(args)
@@ -93,8 +110,10 @@ def test_cli_reports_config_error_without_traceback():
     assert p.returncode == 1
     assert "did you mean 'n_layer'" in p.stderr and "Traceback" not in p.stderr
 
+
 # -----------------------------------------------------------------------------
 # training
+
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory, char_data_dir):
@@ -129,11 +148,18 @@ def test_stop_and_resume_reproduces_losses_bit_exactly(tmp_path, char_data_dir):
     _, _, resumed = run(tmp_path, char_data_dir, "max_iters=16", "init_from=resume", *common, name="split")
 
     def steps(lines):
-        return {line["iter"]: (line["loss"], [layer["alpha"] for layer in line["layers"]],
-                               [layer["drop_rate"] for layer in line["layers"]])
-                for line in lines if "loss" in line}
+        return {
+            line["iter"]: (
+                line["loss"],
+                [layer["alpha"] for layer in line["layers"]],
+                [layer["drop_rate"] for layer in line["layers"]],
+            )
+            for line in lines
+            if "loss" in line
+        }
+
     a, b = steps(straight), steps(resumed)
-    assert sorted(b) == list(range(1, 17))          # resumed file = first half + continuation
+    assert sorted(b) == list(range(1, 17))  # resumed file = first half + continuation
     assert all(a[i] == b[i] for i in range(1, 17))  # == on floats: bit-identical
 
 
@@ -160,13 +186,26 @@ def test_compile_option_trains_at_smoke_size(tmp_path, char_data_dir):
 
 def test_sample_prints_text(short_run):
     out, _, _ = short_run
-    p = subprocess.run([sys.executable, "sample.py", f"--ckpt={out}/ckpt.pt", "--prompt=ROMEO:",
-                        "--num_samples=1", "--max_new_tokens=40", "--seed=1"],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "sample.py",
+            f"--ckpt={out}/ckpt.pt",
+            "--prompt=ROMEO:",
+            "--num_samples=1",
+            "--max_new_tokens=40",
+            "--seed=1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("ROMEO:") and len(p.stdout) > 40
-    p2 = subprocess.run([sys.executable, "sample.py", f"--ckpt={out}/missing.pt"], cwd=REPO,
-                        capture_output=True, text=True, timeout=120)
+    p2 = subprocess.run(
+        [sys.executable, "sample.py", f"--ckpt={out}/missing.pt"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert p2.returncode != 0 and "not found" in p2.stderr
 
 

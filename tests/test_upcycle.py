@@ -8,6 +8,7 @@ behaves as the paper describes, and bad inputs fail clearly without leaving outp
 transformers and safetensors are test-only dependencies (requirements-dev.txt); the Llama models are
 tiny, random, built and saved here: no network.
 """
+
 import json
 import os
 import shutil
@@ -38,12 +39,22 @@ def tokens(vocab, seed=0, shape=(4, 32)):
 
 
 def tiny_train_config(out_dir, data_dir, **kw):
-    base = dict(out_dir=str(out_dir), data_dir=data_dir, batch_size=4, eval_iters=1,
-                log_interval=2, warmup_iters=1, learning_rate=2e-3, min_lr=2e-4)
+    base = dict(
+        out_dir=str(out_dir),
+        data_dir=data_dir,
+        batch_size=4,
+        eval_iters=1,
+        log_interval=2,
+        warmup_iters=1,
+        learning_rate=2e-3,
+        min_lr=2e-4,
+    )
     return train.TrainConfig(**{**base, **kw})
+
 
 # -----------------------------------------------------------------------------
 # a dense checkpoint trained a few steps (shared by the tests below)
+
 
 @pytest.fixture(scope="module")
 def dense_ckpt(tmp_path_factory, char_data_dir):
@@ -58,8 +69,10 @@ def dense(dense_ckpt):
     state, cfg, _ = load_dense(dense_ckpt)
     return state, cfg
 
+
 # -----------------------------------------------------------------------------
 # acceptance 1: function preservation
+
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("n_expert", [4, 8])
@@ -98,7 +111,11 @@ def test_capacity_drops_break_function_preservation_exactly_where_slots_drop(den
         y, r = moe_model.blocks[0].ffn(h)
     kept_weight_T = (r.weights_TK * r.keep_TK).sum(-1).to(torch.float64)
     assert 0.2 < r.drop_rate.item() < 0.8
-    assert (kept_weight_T == 0).any() and (kept_weight_T > 0.999).any() and ((kept_weight_T > 0) & (kept_weight_T < 0.999)).any()
+    assert (
+        (kept_weight_T == 0).any()
+        and (kept_weight_T > 0.999).any()
+        and ((kept_weight_T > 0) & (kept_weight_T < 0.999)).any()
+    )
     assert torch.allclose(y[0], kept_weight_T[:, None] * want_TD, rtol=0, atol=1e-12)
 
     idx = tokens(cfg.vocab_size)
@@ -132,8 +149,10 @@ def test_noise_perturbs_expert_copies_relative_to_their_scale(dense):
     sims = expert_similarity(model_from(noisy, moe_cfg))
     assert all(0.99 < s < 0.99995 for s in sims)
 
+
 # -----------------------------------------------------------------------------
 # acceptance 2: Llama-format import against transformers
+
 
 def save_tiny_llama(path, n_kv_head, tied, shard=True):
     """A tiny random LlamaForCausalLM saved as safetensors (several shards with an index, or one file).
@@ -141,9 +160,18 @@ def save_tiny_llama(path, n_kv_head, tied, shard=True):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=n_kv_head, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=50000.0,
-        tie_word_embeddings=tied, hidden_act="silu")
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=n_kv_head,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_theta=50000.0,
+        tie_word_embeddings=tied,
+        hidden_act="silu",
+    )
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
@@ -183,8 +211,22 @@ def test_llama_import_matches_transformers_then_upcycles(tmp_path, n_kv_head, ti
 
 def test_llama_cli_writes_a_checkpoint_train_py_loads(llama_dir, tmp_path, capsys):
     out = tmp_path / "moe"
-    main(["--from", llama_dir, "--n_expert", "4", "--top_k", "2", "--capacity_factor", "0",
-          "--block_size", "32", "--out", str(out)])
+    main(
+        [
+            "--from",
+            llama_dir,
+            "--n_expert",
+            "4",
+            "--top_k",
+            "2",
+            "--capacity_factor",
+            "0",
+            "--block_size",
+            "32",
+            "--out",
+            str(out),
+        ]
+    )
     assert "expert similarity 1.000 1.000" in capsys.readouterr().out
     ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"))
     model = checkpoint.model_from_checkpoint(ckpt).eval()
@@ -206,17 +248,21 @@ def edited_llama(llama_dir, tmp_path, **changes):
     return path
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-    ({"attention_bias": True}, "attention_bias=true"),
-    ({"mlp_bias": True}, "mlp_bias=true"),
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope scaling"),
-    ({"model_type": "mistral"}, "model_type='mistral'"),
-    ({"head_dim": 32}, "head_dim=32"),
-    ({"intermediate_size": 128}, "do not match the config"),
-    ({"num_key_value_heads": 4}, "do not match the config"),
-], ids=["gelu", "attn-bias", "mlp-bias", "rope-linear", "rope-llama3", "mistral", "head-dim", "ffn-shape", "kv-shape"])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"attention_bias": True}, "attention_bias=true"),
+        ({"mlp_bias": True}, "mlp_bias=true"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope scaling"),
+        ({"model_type": "mistral"}, "model_type='mistral'"),
+        ({"head_dim": 32}, "head_dim=32"),
+        ({"intermediate_size": 128}, "do not match the config"),
+        ({"num_key_value_heads": 4}, "do not match the config"),
+    ],
+    ids=["gelu", "attn-bias", "mlp-bias", "rope-linear", "rope-llama3", "mistral", "head-dim", "ffn-shape", "kv-shape"],
+)
 def test_llama_unsupported_variants_and_mismatched_configs_are_refused(llama_dir, tmp_path, changes, message):
     path = edited_llama(llama_dir, tmp_path, **changes)
     out = tmp_path / "out"
@@ -227,6 +273,7 @@ def test_llama_unsupported_variants_and_mismatched_configs_are_refused(llama_dir
 
 def test_llama_broken_files_are_refused(llama_dir, tmp_path):
     from safetensors.torch import save_file
+
     out = str(tmp_path / "out" / "ckpt.pt")
     shards = sorted(f for f in os.listdir(llama_dir) if f.endswith(".safetensors"))
 
@@ -253,8 +300,10 @@ def test_llama_broken_files_are_refused(llama_dir, tmp_path):
         upcycle_checkpoint(biased, out, 4, 2)
     assert not os.path.exists(os.path.dirname(out))
 
+
 # -----------------------------------------------------------------------------
 # acceptance 3: expert similarity
+
 
 def test_expert_similarity_is_one_after_upcycling_and_near_zero_from_scratch(dense):
     state, cfg = dense
@@ -282,8 +331,10 @@ def test_expert_similarity_decreases_while_training_the_upcycled_model(dense_ckp
         assert all(b < a for a, b in zip(series, series[1:])), series
         assert series[-1] < 0.99
 
+
 # -----------------------------------------------------------------------------
 # acceptance 4: bad inputs fail clearly and leave nothing behind
+
 
 def test_an_moe_checkpoint_is_refused(tmp_path):
     cfg = ModelConfig(n_expert=4, top_k=2, **TINY)
@@ -329,15 +380,18 @@ def test_a_config_that_does_not_describe_the_weights_is_refused(dense_ckpt, tmp_
     assert not out.exists()
 
 
-@pytest.mark.parametrize("n_expert,top_k,kw,message", [
-    (2, 4, {}, "top_k=4 with n_expert=2"),
-    (0, 2, {"capacity_factor": 0.0}, "n_expert=0 imports"),
-    (-1, 1, {}, "n_expert=-1"),
-    (4, 2, {"moe_every": 3}, "moe_every=3 > n_layer=2 leaves no MoE layer"),
-    (4, 2, {"n_embd": 32}, "cannot change when upcycling"),
-    (4, 2, {"noise_std": -0.1}, "noise_std=-0.1"),
-    (4, 2, {"gate_lambda": 0.0}, "gate_lambda=0.0"),
-])
+@pytest.mark.parametrize(
+    "n_expert,top_k,kw,message",
+    [
+        (2, 4, {}, "top_k=4 with n_expert=2"),
+        (0, 2, {"capacity_factor": 0.0}, "n_expert=0 imports"),
+        (-1, 1, {}, "n_expert=-1"),
+        (4, 2, {"moe_every": 3}, "moe_every=3 > n_layer=2 leaves no MoE layer"),
+        (4, 2, {"n_embd": 32}, "cannot change when upcycling"),
+        (4, 2, {"noise_std": -0.1}, "noise_std=-0.1"),
+        (4, 2, {"gate_lambda": 0.0}, "gate_lambda=0.0"),
+    ],
+)
 def test_bad_upcycling_arguments_are_refused(dense_ckpt, tmp_path, n_expert, top_k, kw, message):
     out = tmp_path / "out"
     with pytest.raises(UpcycleError, match=message):
@@ -351,6 +405,7 @@ def test_a_failed_write_leaves_no_file_and_no_directory(dense_ckpt, tmp_path, mo
     def disk_full(obj, f, *args, **kwargs):
         f.write(b"half a checkpoint")
         raise OSError("No space left on device")
+
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match="No space"):
         upcycle_checkpoint(dense_ckpt, str(out / "ckpt.pt"), 4, 2)

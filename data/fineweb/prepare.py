@@ -18,6 +18,7 @@ shards too, --no_merge keeps only them), and meta.json records the vocabulary si
 
 Failures raise PrepareError (one line that says what to do); main() prints it and exits 1.
 """
+
 import argparse
 import glob
 import json
@@ -30,8 +31,8 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-EOT = 50256                    # <|endoftext|>, the document separator of GPT-2 training data
-VOCAB_SIZE = 50257             # < 2**16, so uint16 holds every id
+EOT = 50256  # <|endoftext|>, the document separator of GPT-2 training data
+VOCAB_SIZE = 50257  # < 2**16, so uint16 holds every id
 
 
 OFFLINE_COMMAND = "python data/fineweb/prepare.py --input FILE.txt|FILE.jsonl ... --ranks path/to/r50k_base.tiktoken"
@@ -40,22 +41,26 @@ OFFLINE_COMMAND = "python data/fineweb/prepare.py --input FILE.txt|FILE.jsonl ..
 class PrepareError(Exception):
     """A preparation failure, as one line that says what to do."""
 
+
 # -----------------------------------------------------------------------------
 # documents: a streamed Hugging Face dataset, or local files through the same pipeline
+
 
 def hf_documents(dataset, name, split, text_field="text"):
     try:
         from datasets import load_dataset
     except ImportError:
-        raise PrepareError(f"streaming a Hugging Face dataset needs `pip install datasets`; offline, run "
-                           f"`{OFFLINE_COMMAND}`") from None
+        raise PrepareError(
+            f"streaming a Hugging Face dataset needs `pip install datasets`; offline, run `{OFFLINE_COMMAND}`"
+        ) from None
     try:
         ds = load_dataset(dataset, name=None if name in (None, "none") else name, split=split, streaming=True)
         for row in ds:
             yield row[text_field]
     except Exception as e:  # offline or a wrong name: the datasets / huggingface_hub error of the day
-        raise PrepareError(f"could not stream {dataset}/{name} ({type(e).__name__}: {str(e)[:160]}); "
-                           f"offline, run `{OFFLINE_COMMAND}`") from None
+        raise PrepareError(
+            f"could not stream {dataset}/{name} ({type(e).__name__}: {str(e)[:160]}); offline, run `{OFFLINE_COMMAND}`"
+        ) from None
 
 
 def file_documents(paths):
@@ -73,6 +78,7 @@ def file_documents(paths):
                     if doc.strip():
                         yield doc
 
+
 # -----------------------------------------------------------------------------
 # tokenisation in worker processes
 
@@ -84,16 +90,19 @@ def gpt2_encoding(ranks_path, sha256="r50k_base"):
     under its own module name: every dataset's script is called prepare.py. sha256: the ranks file's
     expected digest ("r50k_base": GPT-2's; None: any ranks file, for the tests' toy BPE)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("shakespeare_bpe_prepare",
-                                                  os.path.join(HERE, "..", "shakespeare", "prepare.py"))
+
+    spec = importlib.util.spec_from_file_location(
+        "shakespeare_bpe_prepare", os.path.join(HERE, "..", "shakespeare", "prepare.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     try:
         return mod.gpt2_encoding(ranks_path, mod.R50K_SHA256 if sha256 == "r50k_base" else sha256)
     except mod.PrepareError as e:
         if ranks_path is None:  # tiktoken's download failed
-            raise PrepareError(f"could not get the GPT-2 BPE ranks (tiktoken downloads them); offline, run "
-                               f"`{OFFLINE_COMMAND}`") from None
+            raise PrepareError(
+                f"could not get the GPT-2 BPE ranks (tiktoken downloads them); offline, run `{OFFLINE_COMMAND}`"
+            ) from None
         raise PrepareError(str(e)) from None
 
 
@@ -118,8 +127,10 @@ def tokenised(documents, workers, ranks_path, sha256="r50k_base", chunksize=16):
     with ctx.Pool(workers, initializer=init_worker, initargs=(ranks_path, sha256)) as pool:
         yield from pool.imap(encode_document, documents, chunksize=chunksize)
 
+
 # -----------------------------------------------------------------------------
 # shards and the progress bar
+
 
 class ShardWriter:
     """Fills fixed-size uint16 shards <split>_000000.bin, ... (the last one may be shorter)."""
@@ -132,7 +143,7 @@ class ShardWriter:
     def add(self, ids):
         while len(ids):
             n = min(len(ids), self.shard_tokens - self.fill)
-            self.buf[self.fill:self.fill + n] = ids[:n]
+            self.buf[self.fill : self.fill + n] = ids[:n]
             self.fill, ids, self.tokens = self.fill + n, ids[n:], self.tokens + n
             if self.fill == self.shard_tokens:
                 self.flush()
@@ -140,7 +151,7 @@ class ShardWriter:
     def flush(self):
         if self.fill:
             path = os.path.join(self.out_dir, f"{self.split}_{len(self.paths):06d}.bin")
-            self.buf[:self.fill].tofile(path + ".tmp")
+            self.buf[: self.fill].tofile(path + ".tmp")
             os.replace(path + ".tmp", path)
             self.paths.append(path)
             self.fill = 0
@@ -164,8 +175,9 @@ class Progress:
             head = f"[{bar}] {100 * frac:5.1f}% "
         else:
             head = ""
-        print(f"\r{head}{tokens:,} tokens, {docs:,} documents, {rate:,.0f} tokens/s", end="", file=sys.stderr,
-              flush=True)
+        print(
+            f"\r{head}{tokens:,} tokens, {docs:,} documents, {rate:,.0f} tokens/s", end="", file=sys.stderr, flush=True
+        )
 
 
 def merge_shards(paths, out_path, remove):
@@ -180,12 +192,25 @@ def merge_shards(paths, out_path, remove):
         for p in paths:
             os.remove(p)
 
+
 # -----------------------------------------------------------------------------
 # the pipeline
 
-def prepare(documents, out_dir=HERE, ranks_path=None, workers=None, shard_tokens=100_000_000,
-            val_tokens=10_000_000, max_tokens=None, merge=True, keep_shards=False, source="", quiet=False,
-            sha256="r50k_base"):
+
+def prepare(
+    documents,
+    out_dir=HERE,
+    ranks_path=None,
+    workers=None,
+    shard_tokens=100_000_000,
+    val_tokens=10_000_000,
+    max_tokens=None,
+    merge=True,
+    keep_shards=False,
+    source="",
+    quiet=False,
+    sha256="r50k_base",
+):
     """Tokenise `documents` (an iterable of strings) into out_dir; returns meta.json's contents.
     sha256: the ranks file's expected digest (see gpt2_encoding)."""
     if shard_tokens < 1 or val_tokens < 0:
@@ -213,9 +238,14 @@ def prepare(documents, out_dir=HERE, ranks_path=None, workers=None, shard_tokens
         w.flush()
     if not writers["train"].paths:
         raise PrepareError(f"only {total:,} tokens, all used for validation: lower --val_tokens or add data")
-    meta = {"vocab_size": VOCAB_SIZE, "tokenizer": "gpt2", "source": source, "documents": docs,
-            "tokens": {s: w.tokens for s, w in writers.items()},
-            "shards": {s: [os.path.basename(p) for p in w.paths] for s, w in writers.items()}}
+    meta = {
+        "vocab_size": VOCAB_SIZE,
+        "tokenizer": "gpt2",
+        "source": source,
+        "documents": docs,
+        "tokens": {s: w.tokens for s, w in writers.items()},
+        "shards": {s: [os.path.basename(p) for p in w.paths] for s, w in writers.items()},
+    }
     if merge:
         for s, w in writers.items():
             if w.paths:
@@ -225,14 +255,17 @@ def prepare(documents, out_dir=HERE, ranks_path=None, workers=None, shard_tokens
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     if not quiet:
-        print(f"{docs:,} documents -> train {writers['train'].tokens:,} / val {writers['val'].tokens:,} "
-              f"tokens in {out_dir}")
+        print(
+            f"{docs:,} documents -> train {writers['train'].tokens:,} / val {writers['val'].tokens:,} "
+            f"tokens in {out_dir}"
+        )
     return meta
 
 
 def main(argv):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.strip().splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--input", nargs="+", help="local .txt / .jsonl files instead of streaming")
     p.add_argument("--hf_dataset", default="HuggingFaceFW/fineweb", help="Hugging Face dataset to stream")
     p.add_argument("--hf_name", default="sample-10BT", help="its configuration ('none' for the default)")
@@ -254,8 +287,18 @@ def main(argv):
         missing = [path for path in a.input or [] if not os.path.isfile(path)]
         if missing:  # now, not after the BPE is loaded and the pool started
             raise PrepareError(f"input file {missing[0]} not found")
-        prepare(docs, a.out_dir, a.ranks, a.workers, int(a.shard_tokens), int(a.val_tokens),
-                int(a.max_tokens) if a.max_tokens else None, not a.no_merge, a.keep_shards, source)
+        prepare(
+            docs,
+            a.out_dir,
+            a.ranks,
+            a.workers,
+            int(a.shard_tokens),
+            int(a.val_tokens),
+            int(a.max_tokens) if a.max_tokens else None,
+            not a.no_merge,
+            a.keep_shards,
+            source,
+        )
     except PrepareError as e:
         sys.exit(f"error: {e}")
 

@@ -8,6 +8,7 @@ Offline, the BPE is built from a local ranks file (the very file tiktoken downlo
 r50k_base.tiktoken), so no network is needed; its sha256 is checked. Without --ranks, tiktoken
 downloads it (or reuses its cache). Failures raise PrepareError, one line naming the command to run.
 """
+
 import argparse
 import hashlib
 import json
@@ -32,31 +33,45 @@ def gpt2_encoding(ranks_path=None, sha256=R50K_SHA256, out_dir=HERE, offline_arg
     exercises the pipeline offline; the command line always checks). out_dir, offline_args: the
     offline command line a failed download names."""
     import tiktoken
+
     if ranks_path is None:
         try:
             return tiktoken.get_encoding("gpt2")
         except Exception as e:  # offline: requests' ConnectionError deep inside tiktoken's download
-            raise PrepareError(f"could not get the GPT-2 BPE ranks (tiktoken downloads them: {type(e).__name__}); "
-                               f"offline, run `{command(__file__, out_dir, *offline_args)}`") from None
+            raise PrepareError(
+                f"could not get the GPT-2 BPE ranks (tiktoken downloads them: {type(e).__name__}); "
+                f"offline, run `{command(__file__, out_dir, *offline_args)}`"
+            ) from None
     if not os.path.isfile(ranks_path):
         raise PrepareError(f"BPE ranks file {ranks_path} not found")
     with open(ranks_path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     if sha256 is not None and digest != sha256:
-        raise PrepareError(f"{ranks_path} has sha256 {digest[:12]}..., not r50k_base's {sha256[:12]}...: "
-                           "pass the r50k_base.tiktoken that tiktoken downloads for gpt2")
+        raise PrepareError(
+            f"{ranks_path} has sha256 {digest[:12]}..., not r50k_base's {sha256[:12]}...: "
+            "pass the r50k_base.tiktoken that tiktoken downloads for gpt2"
+        )
     from tiktoken.load import load_tiktoken_bpe
+
     try:
         ranks = load_tiktoken_bpe(ranks_path)
     except Exception as e:  # only reachable with sha256=None: the real file always parses
         raise PrepareError(f"{ranks_path} is not a tiktoken ranks file ({type(e).__name__}: {e})") from None
-    return tiktoken.Encoding(name="gpt2-local", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": max(ranks.values()) + 1})
+    return tiktoken.Encoding(
+        name="gpt2-local",
+        pat_str=GPT2_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": max(ranks.values()) + 1},
+    )
 
 
 def prepare(input_path=None, out_dir=HERE, ranks_path=None, val_fraction=0.1, sha256=R50K_SHA256):
-    offline = ("--input", input_path or "path/to/tinyshakespeare.txt",
-               "--ranks", ranks_path or "path/to/r50k_base.tiktoken")
+    offline = (
+        "--input",
+        input_path or "path/to/tinyshakespeare.txt",
+        "--ranks",
+        ranks_path or "path/to/r50k_base.tiktoken",
+    )
     text = read_text(input_path, out_dir, __file__, offline)
     enc = gpt2_encoding(ranks_path, sha256, out_dir, offline)
     n = int(len(text) * (1 - val_fraction))

@@ -10,6 +10,7 @@ is train, the rest val, as in nanoGPT, so losses compare with its published numb
 
 Failures raise PrepareError, one line that names the command to run instead; main() prints it.
 """
+
 import argparse
 import json
 import os
@@ -29,9 +30,11 @@ class PrepareError(Exception):
 def command(script, out_dir, *args):
     """The exact command line that runs script (a prepare.py) with args, writing into out_dir: paths
     relative to the working directory when they are below it, --out_dir only when not the default."""
+
     def short(path):
         rel = os.path.relpath(os.path.abspath(path))
         return path if rel.startswith("..") else rel
+
     default = os.path.abspath(os.path.dirname(script)) == os.path.abspath(out_dir)
     return " ".join(["python", short(script), *args] + ([] if default else ["--out_dir", short(out_dir)]))
 
@@ -49,7 +52,8 @@ def read_text(input_path, out_dir, script=__file__, offline_args=("--input", "pa
         except (OSError, ValueError) as e:  # no network, DNS, HTTP errors, a proxy's bad answer
             raise PrepareError(
                 f"could not download tiny Shakespeare ({getattr(e, 'reason', e)}); offline, copy the text to "
-                f"{cached} or run `{command(script, out_dir, *offline_args)}`") from None
+                f"{cached} or run `{command(script, out_dir, *offline_args)}`"
+            ) from None
         with open(cached + ".tmp", "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(cached + ".tmp", cached)
