@@ -272,19 +272,8 @@ def mixtral_config(path, hf, block_size=None):
         length = int(block_size or hf.get("max_position_embeddings", 2048))
         if hf.get("sliding_window") and int(hf["sliding_window"]) < length:
             refuse(f"sliding_window={hf['sliding_window']} < the context length {length}")
-        n_kv = int(hf.get("num_key_value_heads") or n_head)
         return ModelConfig(
-            vocab_size=int(hf["vocab_size"]),
-            block_size=length,
-            n_layer=int(hf["num_hidden_layers"]),
-            n_head=n_head,
-            n_kv_head=0 if n_kv == n_head else n_kv,
-            n_embd=n_embd,
-            ffn_hidden=int(hf["intermediate_size"]),
-            norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 1e6))),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            init_std=float(hf.get("initializer_range", 0.02)),
+            **upcycle.hf_trunk(hf, rope, length, norm_eps=1e-5, rope_theta=1e6),
             n_expert=int(hf["num_local_experts"]),
             top_k=int(hf["num_experts_per_tok"]),
             expert_hidden=int(hf["intermediate_size"]),

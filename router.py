@@ -328,22 +328,9 @@ class Router(nn.Module):
             # on the gate (its norm) does to it without normalization (section 4.1's drift)
             logit_std = raw_logits_TE.detach().std(dim=-1).mean() if E >= 2 else raw_logits_TE.new_zeros(())
             weight_norm = self.weight.detach().to(rdt).norm()
-        return RouterOutput(
-            aux_loss=aux,
-            z_loss=z,
-            drop_rate=drop_rate,
-            load_E=load_E,
-            load_cv=load_cv,
-            **gate,
-            logit_std=logit_std,
-            router_weight_norm=weight_norm,
-            ids_TK=ids_TK,
-            weights_TK=weights_TK,
-            keep_TK=keep_TK,
-            slots_N=slots_N,
-            counts_E=counts_E,
-            probs_TE=probs_TE,
-        )
+        return RouterOutput(aux, z, drop_rate, load_E, load_cv, logit_std=logit_std, router_weight_norm=weight_norm,
+                            ids_TK=ids_TK, weights_TK=weights_TK, keep_TK=keep_TK, slots_N=slots_N,
+                            counts_E=counts_E, probs_TE=probs_TE, **gate)  # fmt: skip
 
 
 # -----------------------------------------------------------------------------

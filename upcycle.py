@@ -203,6 +203,27 @@ def read_hf_config(path):
     return hf
 
 
+def hf_trunk(hf, rope, block_size, norm_eps, rope_theta):
+    """The ModelConfig fields a Llama-family config.json (Llama, Mixtral) sets: vocabulary, context,
+    attention with its key/value heads, FFN width, norms, RoPE, tying, init. norm_eps / rope_theta:
+    the family's defaults where the file leaves them out."""
+    n_embd, n_head = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    n_kv = int(hf.get("num_key_value_heads") or n_head)
+    return dict(
+        vocab_size=int(hf["vocab_size"]),
+        block_size=int(block_size or hf.get("max_position_embeddings", 2048)),
+        n_layer=int(hf["num_hidden_layers"]),
+        n_head=n_head,
+        n_kv_head=0 if n_kv == n_head else n_kv,
+        n_embd=n_embd,
+        ffn_hidden=int(hf["intermediate_size"]),
+        norm_eps=float(hf.get("rms_norm_eps", norm_eps)),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", rope_theta))),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),  # LlamaConfig's default: untied
+        init_std=float(hf.get("initializer_range", 0.02)),
+    )
+
+
 def read_llama_config(path, block_size=None):
     """config.json -> dense ModelConfig; unsupported variants are refused, never silently approximated."""
     hf, cfg_path = read_hf_config(path), os.path.join(path, "config.json")
@@ -230,21 +251,7 @@ def read_llama_config(path, block_size=None):
         head_dim = hf.get("head_dim") or n_embd // n_head
         if head_dim * n_head != n_embd:
             refuse(f"head_dim={head_dim} with {n_head} heads != hidden_size={n_embd}")
-        n_kv = int(hf.get("num_key_value_heads") or n_head)
-        cfg = ModelConfig(
-            vocab_size=int(hf["vocab_size"]),
-            block_size=int(block_size or hf.get("max_position_embeddings", 2048)),
-            n_layer=int(hf["num_hidden_layers"]),
-            n_head=n_head,
-            n_kv_head=0 if n_kv == n_head else n_kv,
-            n_embd=n_embd,
-            ffn_hidden=int(hf["intermediate_size"]),
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),  # LlamaConfig's default: untied
-            init_std=float(hf.get("initializer_range", 0.02)),
-            n_expert=0,
-        )
+        cfg = ModelConfig(**hf_trunk(hf, rope, block_size, norm_eps=1e-6, rope_theta=10000.0), n_expert=0)
     except KeyError as e:
         raise UpcycleError(f"{cfg_path} lacks the field {e.args[0]!r} every Llama config has") from None
     except (TypeError, ValueError) as e:

@@ -267,7 +267,8 @@ def claims(summary):
                 f"time after the target leaves the cap {an.fmt_ms(lag, 0)} steps (seeds: "
                 f"{an.fmt_seeds(lag, 0)}) against the closed form's {closed_form_tau():.1f}."
             )
-    return "\n".join(lines), out
+    text = "\n".join(lines)
+    return text, out
 
 
 def plot_curves(runs):

@@ -52,25 +52,13 @@ def preset_keys(name, **overrides):
 
 
 # the reduced size of the 16-expert GPU presets: the quick-start trunk with their routing
+# fmt: off
 GPU16_REDUCED = dict(
-    dataset="shakespeare_char",
-    block_size=64,
-    n_layer=4,
-    n_head=4,
-    n_embd=128,
-    expert_hidden=320,
-    batch_size=16,
-    grad_accum=1,
-    learning_rate=2e-3,
-    min_lr=2e-4,
-    warmup_iters=100,
-    eval_interval=250,
-    eval_iters=20,
-    device="cpu",
-    dtype="auto",
-    backend="auto",
-    ep_size=1,
+    dataset="shakespeare_char", block_size=64, n_layer=4, n_head=4, n_embd=128, expert_hidden=320,
+    batch_size=16, grad_accum=1, learning_rate=2e-3, min_lr=2e-4, warmup_iters=100, eval_interval=250,
+    eval_iters=20, device="cpu", dtype="auto", backend="auto", ep_size=1,
 )
+# fmt: on
 PRESET_RUN = dict(max_iters=1000, log_interval=10, keep_last=0)
 
 

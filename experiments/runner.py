@@ -44,59 +44,29 @@ FULL_EP_SIZE = 8  # experts sharded over the 8 GPUs of a node (train.py's ep_siz
 # -----------------------------------------------------------------------------
 # scale presets (train.py keys; each experiment adds its own on top)
 
+# fmt: off
 BASE = {
     # every code path in seconds: 2 layers, 32 wide, 16 steps
     "smoke": dict(
-        dataset="shakespeare_char",
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        block_size=32,
-        batch_size=8,
-        max_iters=16,
-        warmup_iters=2,
-        eval_interval=8,
-        eval_iters=2,
-        log_interval=2,
-        learning_rate=2e-3,
-        min_lr=2e-4,
+        dataset="shakespeare_char", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_iters=16,
+        warmup_iters=2, eval_interval=8, eval_iters=2, log_interval=2, learning_rate=2e-3, min_lr=2e-4,
         device="cpu",
     ),
     # the long CPU studies: a model small enough that 5,000 steps take minutes on one core (measured
     # ~40 steps/s single-threaded), so 3 seeds of every arm fit in a few CPU-hours
     "small": dict(
-        dataset="shakespeare_char",
-        n_layer=3,
-        n_head=2,
-        n_embd=64,
-        block_size=32,
-        batch_size=16,
-        max_iters=5000,
-        warmup_iters=100,
-        eval_interval=250,
-        eval_iters=10,
-        log_interval=10,
-        learning_rate=2e-3,
-        min_lr=2e-4,
-        keep_last=0,
-        device="cpu",
+        dataset="shakespeare_char", n_layer=3, n_head=2, n_embd=64, block_size=32, batch_size=16,
+        max_iters=5000, warmup_iters=100, eval_interval=250, eval_iters=10, log_interval=10,
+        learning_rate=2e-3, min_lr=2e-4, keep_last=0, device="cpu",
     ),
     # FineWeb GPT-2 BPE (data/fineweb/prepare.py); batch_size is the global micro-batch (split over
     # ranks by train.py): 128 x 1024 x 4 = 524,288 tokens per step
     "full": dict(
-        dataset="fineweb",
-        block_size=1024,
-        batch_size=128,
-        grad_accum=4,
-        warmup_iters=700,
-        eval_interval=1000,
-        eval_iters=40,
-        log_interval=10,
-        learning_rate=6e-4,
-        min_lr=6e-5,
-        dtype="bfloat16",
+        dataset="fineweb", block_size=1024, batch_size=128, grad_accum=4, warmup_iters=700, eval_interval=1000,
+        eval_iters=40, log_interval=10, learning_rate=6e-4, min_lr=6e-5, dtype="bfloat16",
     ),
 }
+# fmt: on
 
 
 def preset(scale, **overrides):
