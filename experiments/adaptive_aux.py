@@ -332,7 +332,10 @@ def plot_curves(runs):
         ],
     )
     an.zoom_y(ax[0, 2], 0.4)
-    fig.suptitle("Adaptive vs fixed auxiliary loss coefficients (Skywork-MoE Fig. 4): mean over seeds, band = min..max")
+    fig.suptitle(
+        "Adaptive vs fixed auxiliary loss coefficients (Skywork-MoE Fig. 4): mean over seeds, band = min..max; "
+        f"trailing moving average over {w} logged steps"
+    )
     return fig
 
 

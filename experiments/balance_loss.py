@@ -316,7 +316,9 @@ def plot_curves(runs):
     an.finish_axes(ax, ["drop rate, mean over layers (%)", "load CV, mean over layers", "validation loss"])
     ax[0, 0].axhline(100 * DROP_LIMIT, color="k", lw=0.5, ls=":")
     an.zoom_y(ax[0, 2], 0.4)
-    fig.suptitle("Eq. 4 vs the Switch form (λ = 1, fixed α): mean over seeds, band = min..max")
+    fig.suptitle(
+        "Eq. 4 vs the Switch form (λ = 1, fixed α): mean over seeds, band = min..max; load CV: moving average of 10"
+    )
     return fig
 
 

@@ -373,6 +373,7 @@ def plot_curves(runs):
     metrics = {r.name: an.read_metrics(r.out_dir) for r in runs}
     fig, ax = an.new_figure(3, 3, width=4.4, height=2.9)
     w = 10
+    n = paper_layer(metrics[runs[0].name]) + 1  # the MoE layer plotted: the paper's 3rd, or the model's last
     base = {r.seed: an.step_series(metrics[r.name], "loss")[1] for r in runs if r.variant == "lambda_1"}
     for v in VARIANTS:
         ms = [(r, metrics[r.name]) for r in runs if r.variant == v]
@@ -404,11 +405,11 @@ def plot_curves(runs):
     an.finish_axes(
         ax,
         [
-            "Max1/Max2, MoE layer 3: mean over tokens",
-            "Max1/Max2, layer 3: median over tokens",
-            "mean top-1 / mean top-2 prob, layer 3",
-            "gate weight norm, layer 3",
-            "std of raw gate logits (before eq. 6), layer 3",
+            f"Max1/Max2, MoE layer {n}: mean over tokens",
+            f"Max1/Max2, layer {n}: median over tokens",
+            f"mean top-1 / mean top-2 prob, layer {n}",
+            f"gate weight norm, layer {n}",
+            f"std of raw gate logits (before eq. 6), layer {n}",
             "drop rate, mean over layers (%)",
             "load CV, mean over layers",
             "validation loss",
@@ -419,7 +420,10 @@ def plot_curves(runs):
         a.axhline(1, color="k", lw=0.5, ls=":")
     ax[2, 2].axhline(0, color="k", lw=0.5)
     an.zoom_y(ax[2, 1], 0.4)
-    fig.suptitle("Gating logit normalization (Skywork-MoE Fig. 2-3): mean over seeds, band = min..max over seeds")
+    fig.suptitle(
+        "Gating logit normalization (Skywork-MoE Fig. 2-3): mean over seeds, band = min..max over seeds; "
+        f"trailing moving average over {w} logged steps ({10 * w} for the loss difference)"
+    )
     return fig
 
 
