@@ -9,6 +9,7 @@ are for missing hardware (a GPU, NCCL).
     toy_bpe_ranks              a tiktoken ranks file learned from the sample (256 bytes + 64 merges),
                                for the BPE pipelines offline (pass sha256=None: it is not GPT-2's)
     gpt2_ranks_path()          GPT-2's r50k_base.tiktoken if one is on this machine, else None
+    load_run_config(argv)      (ModelConfig, TrainConfig, sources), as train.py reads its arguments
 """
 
 import base64
@@ -23,6 +24,16 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 SAMPLE_TEXT = os.path.join(REPO, "tests", "data", "shakespeare_sample.txt")
+
+
+def load_run_config(argv):
+    """(ModelConfig, TrainConfig, sources) from config files and key=value arguments, as train.py reads them."""
+    from config import load_config
+    from model import ModelConfig
+    from train import TrainConfig
+
+    (model_cfg, tcfg), sources = load_config(argv, [ModelConfig, TrainConfig])
+    return model_cfg, tcfg, sources
 
 
 def load_script(path, name):

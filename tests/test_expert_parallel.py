@@ -31,17 +31,12 @@ import torch.distributed as dist
 
 import expert_parallel as ep
 import tensor_parallel as tp
-from config import load_config as load_configs
 from conftest import REPO
+from conftest import load_run_config as load_config
 from model import GPT, ModelConfig, MoE
 from ranks import ok_results, spawn, torch_threads
 from router import STAT_NAMES, AuxCoefficients
 from train import TrainConfig, forward_backward, train
-
-
-def load_config(argv):
-    (model_cfg, tcfg), sources = load_configs(argv, [ModelConfig, TrainConfig])
-    return model_cfg, tcfg, sources
 
 
 def clip_and_step(model, optimizer, tcfg, groups):

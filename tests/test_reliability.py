@@ -50,8 +50,8 @@ import expert_parallel as ep
 import tensor_parallel as tp
 import train
 from checkpoint import CheckpointError, RunDir, load_checkpoint, payload_checksum
-from config import load_config as load_configs
 from conftest import REPO
+from conftest import load_run_config as load_config
 from expert_parallel import free_port
 from model import GPT, ModelConfig
 from router import AuxCoefficients
@@ -88,11 +88,6 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def load_config(args):
-    (model_cfg, tcfg), sources = load_configs(args, [ModelConfig, train.TrainConfig])
-    return model_cfg, tcfg, sources
 
 
 def argv(data_dir, out_dir, *extra, preset=PRESET):

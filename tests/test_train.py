@@ -12,17 +12,11 @@ import torch
 import checkpoint
 import train as train_module
 from config import ConfigError
-from config import load_config as load_configs
 from conftest import REPO
+from conftest import load_run_config as load_config
 from model import ModelConfig
 from router import STAT_NAMES
 from train import TrainConfig, train
-
-
-def load_config(argv):
-    (model_cfg, tcfg), sources = load_configs(argv, [ModelConfig, TrainConfig])
-    return model_cfg, tcfg, sources
-
 
 PRESET = os.path.join(REPO, "config", "shakespeare_char.toml")
 SMALL = [
