@@ -237,7 +237,10 @@ def forward_backward(model, batches, coeffs, tcfg, autocast, groups, n_group=1, 
         stats.append(s)
         loads.append(l)
     if groups.world_size > 1:
-        sync.finish() if sync is not None else tp.sync_gradients(model, groups)
+        if sync is not None:
+            sync.finish()
+        else:
+            tp.sync_gradients(model, groups)
         ces, stats, loads = ep.reduce_step_statistics(ces, stats, loads, STAT_NAMES.index("load_cv"))
     n = len(batches)
     return sum(ces) / n, sum(stats) / n, sum(loads) / n
@@ -437,10 +440,8 @@ class Run:
 
 
 def setup(model_cfg, tcfg, sources, groups, device, autocast):
-    """Read the inputs (on every rank, agreeing on failure), build the model, restore a resumed run,
-    and open the run's files (rank 0). Returns a Run."""
+    """Inputs read on every rank (agreeing on failure), the model built, a resumed run restored: a Run."""
     say = print if groups.is_main else (lambda *a, **k: None)
-    torch.manual_seed(tcfg.seed)  # the same on every rank: identical weights, experts sliced in build
     node_main = int(os.environ.get("LOCAL_RANK", "0")) == 0  # prepares the data once per node
     ep.on_every_rank(groups, lambda: ensure_data(tcfg) if node_main else None, EXPLAINED)
     model_cfg, tcfg, ckpt, splits = ep.on_every_rank(
@@ -450,7 +451,7 @@ def setup(model_cfg, tcfg, sources, groups, device, autocast):
     check_setup(model_cfg, tcfg, groups.world_size, torch.cuda.is_available())  # the checkpoint's model
     if groups.is_main:
         print_config([model_cfg, tcfg], sources)
-    torch.manual_seed(tcfg.seed)  # a resumed run's seed may differ from the command line's
+    torch.manual_seed(tcfg.seed)  # the same on every rank (identical weights, experts sliced in build); the run's seed
     slices = groups.layout.route_slices
     n_group = (tcfg.route_groups or slices) // slices
     if groups.world_size > 1:
@@ -608,10 +609,9 @@ def format_eta(seconds):
 
 
 class StopSignal:
-    """SIGTERM / SIGINT (what cluster schedulers send before preempting or cancelling a job; Ctrl-C):
-    stop at the next step boundary with a checkpoint, and exit 0. The handler only records the signal:
-    anything more could run in the middle of a checkpoint write or a collective. train_step max-reduces
-    it, so every rank stops after the same step. Installed while the loop runs (main thread only)."""
+    """SIGTERM / SIGINT (a scheduler's preemption, Ctrl-C): stop at the next step with a checkpoint, exit 0.
+    The handler only records the signal (anything more could interrupt a save or a collective); train_step
+    max-reduces it so every rank stops after the same step. Installed while the loop runs (main thread)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
