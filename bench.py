@@ -33,7 +33,8 @@ Each section is a function that returns table rows, and a command-line flag; wit
                activations saved for backward alone (weight gradients are E/K times the dense ones)
 (e) --peer     ours against Hugging Face transformers' MixtralSparseMoeBlock, eager and grouped_mm
                experts, and the dense equivalent, with identical weights: first the outputs and input
-               gradients must agree (1e-4 relative, dropless, float32), then all are timed round-robin
+               gradients must agree (1e-4 relative, dropless, float32), then all are timed round-robin,
+               beside the experts' nine matmuls alone (the floor under any implementation)
 
 Method: the variants of one case alternate round-robin (the order rotated every round) and medians
 are reported, so load from other processes slows them all alike; every ratio is between numbers of
@@ -397,6 +398,7 @@ def peer_variants(case, device, seed=0):
         return run
 
     fns = {name: step(layer) for name, layer in layers.items()}
+    fns["expert matmuls"] = expert_matmuls(moe, x.view(T, D))
     y_ref, g_ref = fns["ours"]()
     for name in layers:
         if name != "dense":
@@ -407,6 +409,27 @@ def peer_variants(case, device, seed=0):
                         f"{name} disagrees with ours at E={case.n_expert}: {what} relative error {err:.1e}"
                     )
     return fns
+
+
+def expert_matmuls(moe, x_TD):
+    """The nine matmuls of the experts' forward and backward alone, per expert on its routed rows,
+    with no routing, gathers, elementwise ops or autograd: the floor under any implementation of the
+    layer, and a reading of how much of each one's time is overhead."""
+    with torch.no_grad():
+        counts = moe.router(x_TD).counts_E.tolist()
+    ex = moe.experts
+    F_ = ex.w1.shape[1]
+    D, dev = x_TD.shape[1], x_TD.device
+    rows = [[torch.randn(n, width, device=dev) for width in (D, F_, D)] for n in counts]
+
+    @torch.no_grad()
+    def run():
+        for (x, h, dy), w1, w3, w2 in zip(rows, ex.w1, ex.w3, ex.w2):
+            x @ w1.t(), x @ w3.t(), h @ w2.t()  # forward: a, b, y
+            dy.t() @ h, dy @ w2  # backward: w2's gradient, dh
+            h.t() @ x, h.t() @ x, torch.addmm(h @ w1, h, w3)  # w1's and w3's gradients, dx
+
+    return run
 
 
 def peer_rows(cases, repeats, device, log=print):
@@ -422,6 +445,8 @@ def peer_rows(cases, repeats, device, log=print):
         row.update({"ours / dense": t["dense"] / t["ours"], "loop / dense": t["dense"] / t["ours, loop"]})
         row.update({f"ours / transformers {k}": t[f"transformers {k}"] / t["ours"] for k in PEER_IMPLS})
         row["ours / faster transformers"] = faster_peer / t["ours"]
+        row["matmuls / ours"] = t["expert matmuls"] / t["ours"]
+        row["matmuls / faster transformers"] = t["expert matmuls"] / faster_peer
         rows.append(row)
     return rows
 
@@ -771,21 +796,23 @@ def _ep_bench_rank(rank, cfg, port, queue):
             layer.zero_grad(set_to_none=True)
             return r
 
-        def exchange_fwd_bwd(x_ND, counts_E):
-            # dispatch + combine alone, identity experts: the count exchange, the token all-to-all and
-            # its reverse, the permutations, and both exchanges again in backward
-            xi = x_ND.clone().requires_grad_()
+        def exchange_fwd_bwd(x_ND, counts_E, grad_ND):
+            # dispatch + combine alone, identity experts, a fixed output gradient (a loss would add its
+            # own passes over the rows): the count exchange, the token all-to-all and its reverse, the
+            # permutations, and both exchanges again in backward
+            xi = x_ND.detach().requires_grad_()
             x_MD, plan = ep.dispatch(xi, counts_E, groups.ep_group)
-            ep.combine(x_MD, plan).square().mean().backward()
+            ep.combine(x_MD, plan).backward(grad_ND)
             return x_MD.shape[0]
 
         with torch.no_grad():  # the slots this rank routes, as MoE.forward gathers them
             r = local.router(x.view(-1, cfg.n_embd))
             x_ND = x.view(-1, cfg.n_embd)[r.slots_N % cfg.tokens]
+        grad_ND = torch.randn_like(x_ND)
         variants = {
             "local": lambda: layer_fwd_bwd(local),
             "ep": lambda: layer_fwd_bwd(sharded),
-            "exchange": lambda: exchange_fwd_bwd(x_ND, r.counts_E),
+            "exchange": lambda: exchange_fwd_bwd(x_ND, r.counts_E, grad_ND),
         }
         times, received = {k: [] for k in variants}, 0
         for i in range(cfg.warmup + cfg.iters):

@@ -183,7 +183,7 @@ def all_to_all(x, out_splits, in_splits, group):
 # Combine permutes back and runs (b) backwards; the counts need no second exchange.
 #
 # Host syncs: one per exchange, the .tolist() of the split sizes, which also brings the per-expert row
-# counts for Experts.forward_loop (so the loop adds none). The phases carry record_function labels
+# counts for Experts.forward (so its loops add none). The phases carry record_function labels
 # ("ep.counts", ...) that bench.py --ep and GPU profiler traces read.
 
 
@@ -194,7 +194,7 @@ class DispatchPlan:
     order_M: torch.Tensor  # (expert, source) position -> row of the received (source, expert) order
     dest_M: torch.Tensor  # the inverse: received row -> its (expert, source) position
     counts_El: torch.Tensor  # rows per local expert, for Experts.forward
-    counts_El_host: list  # the same on the host (Experts.forward_loop needs no sync of its own)
+    counts_El_host: list  # the same on the host (Experts.forward's loops need no sync of their own)
     group: dist.ProcessGroup
 
 

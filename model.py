@@ -217,16 +217,18 @@ class Experts(nn.Module):
     This (x_ND, counts_E) -> y_ND call is the seam expert parallelism replaces with an all-to-all
     around the experts a rank owns.
 
-    Two implementations of the same arithmetic (bench.py compares them):
-      forward_loop     one matmul per expert in a Python loop: the readable reference, any dtype
-                       (the float64 tests), one host sync to read the split sizes (none when the
-                       caller already holds them on the host: counts_host)
+    Three implementations of the same arithmetic (bench.py compares them):
+      forward_loop     one matmul per expert in a Python loop, backward by autograd: the readable
+                       reference; any dtype (the float64 tests), autocast and torch.compile. One host
+                       sync to read the split sizes (none when the caller holds them: counts_host)
+      SwiGLUExperts    (impl "manual") the same loop with its backward written out: outputs written
+                       in place, scratch reused from expert to expert, a and b the only activations saved
       forward_grouped  torch's grouped matmul, one call per weight for all experts, no host sync of
                        its own; see grouped_mm_dtype for where it runs
-    impl = "auto" picks grouped where grouped_mm_dtype says it runs well, except on a CPU when the
-    experts get many rows each (CPU_LOOP_ROWS); "loop" / "grouped" force one (bench.py, tests). On a
-    GPU without grouped_mm's fast kernels torch runs it as a loop that syncs on every call, so there
-    the loop is the better choice, and "auto" takes it.
+    impl = "auto": on a GPU, grouped where grouped_mm_dtype says it runs well, else the loop (without
+    grouped_mm's fast kernels torch runs it as a loop that syncs on every call). On a CPU, grouped for
+    small experts and the manual loop for large ones (CPU_GROUPED_MAX_WEIGHT), the loop under autocast
+    or torch.compile. "loop" / "manual" / "grouped" force one (bench.py, tests).
     """
 
     def __init__(self, n_expert, n_embd, hidden):
@@ -245,18 +247,35 @@ class Experts(nn.Module):
             return torch.get_autocast_dtype(device)
         return x_ND.dtype
 
-    def forward(self, x_ND, counts_E, counts_host=None):
-        dtype = grouped_mm_dtype(x_ND, self.w1, require_fast=self.impl == "auto") if self.impl != "loop" else None
-        if self.impl == "auto" and x_ND.device.type == "cpu" and x_ND.shape[0] >= CPU_LOOP_ROWS * self.w1.shape[0]:
-            dtype = None  # many rows per expert on a CPU: the loop (see CPU_LOOP_ROWS)
+    def choose_impl(self, x_ND):
+        """impl="auto" resolved for these rows: ("loop" | "manual" | "grouped", grouped_mm's dtype)."""
+        if self.impl == "loop" or x_ND.shape[0] == 0:  # grouped_mm's backward rejects zero rows
+            return "loop", None
+        dtype = grouped_mm_dtype(x_ND, self.w1, require_fast=self.impl == "auto")
         if self.impl == "grouped" and dtype is None:
             raise ValueError(
                 f"grouped_mm does not run on {x_ND.device.type} {x_ND.dtype} with D, F = "
                 f"{self.w1.shape[2]}, {self.w1.shape[1]}: use impl='loop'"
             )
-        if dtype is None or x_ND.shape[0] == 0:  # grouped_mm's backward rejects zero rows
-            return self.forward_loop(x_ND, counts_E, counts_host)
-        return self.forward_grouped(x_ND, counts_E, dtype)
+        if self.impl != "auto":
+            return self.impl, dtype
+        if x_ND.device.type != "cpu":
+            return ("grouped", dtype) if dtype is not None else ("loop", None)
+        if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+            return "loop", None
+        if dtype is not None and self.w1[0].numel() < CPU_GROUPED_MAX_WEIGHT:
+            return "grouped", dtype
+        return "manual", None
+
+    def forward(self, x_ND, counts_E, counts_host=None):
+        impl, dtype = self.choose_impl(x_ND)
+        if impl == "grouped":
+            return self.forward_grouped(x_ND, counts_E, dtype)
+        if impl == "manual" and x_ND.shape[0]:
+            if counts_host is None:
+                counts_host = counts_E.tolist()  # host sync: the split sizes
+            return SwiGLUExperts.apply(x_ND, self.w1, self.w3, self.w2, counts_host)
+        return self.forward_loop(x_ND, counts_E, counts_host)
 
     def forward_loop(self, x_ND, counts_E, counts_host=None):
         # unbind, not self.w1[e]: each indexing op's backward writes a zero gradient the size of
@@ -300,12 +319,77 @@ class Experts(nn.Module):
         return y_ND
 
 
-# On a CPU, "auto" takes the loop once the experts average this many rows or more: the loop's
-# elementwise ops (silu, the product, their backward) run on one expert's slice while it is still in
-# cache, where grouped_mm's run over all N x F at once. bench.py (a), T = 8192, D = 512: loop / dense
-# 1.00 and 0.94 against grouped's 0.90 and 0.86 at 2048 and 1024 rows per expert (E = 8, 16), but 0.66
-# against 0.73 at 256 (E = 64); grouped also wins the small training step (256 rows per expert).
-CPU_LOOP_ROWS = 512
+class SwiGLUExperts(torch.autograd.Function):
+    """Experts' impl "manual": forward_loop's arithmetic with the backward written out. Per expert e,
+    on its n rows x (n, D), with s = silu(a):
+        forward    a = x w1_e^T,  b = x w3_e^T,  h = s * b,  y = h w2_e^T
+        backward   dw2_e = dy^T h,  dh = dy w2_e,  db = dh * s,  da = silu'(a) * dh * b,
+                   dw1_e = da^T x,  dw3_e = db^T x,  dx = da w1_e + db w3_e
+    What autograd's loop does on top of the same nine matmuls, this one does not: concatenate the E
+    outputs and stack the E weight gradients (each result is written into its slice of one tensor),
+    allocate fresh (n, F) temporaries per expert (one scratch set is reused; on a CPU fresh memory
+    costs page faults), and save s and h besides a and b (they are recomputed: half the activation
+    memory). bench.py (e), CPU, T = 8192, D = 512: 2-5 % faster than forward_loop at E = 8, 10-20 % at
+    E = 64. counts_host: the rows per expert, a list."""
+
+    @staticmethod
+    def forward(ctx, x_ND, w1, w3, w2, counts_host):
+        N, F_ = x_ND.shape[0], w1.shape[1]
+        a_NF, b_NF, y_ND = x_ND.new_empty(N, F_), x_ND.new_empty(N, F_), torch.empty_like(x_ND)
+        scratch = x_ND.new_empty(max(counts_host) * F_)
+        for e, rows in enumerate(row_slices(counts_host)):
+            x, a, b = x_ND[rows], a_NF[rows], b_NF[rows]
+            torch.mm(x, w1[e].t(), out=a)
+            torch.mm(x, w3[e].t(), out=b)
+            h = torch.ops.aten.silu.out(a, out=scratch[: a.numel()].view_as(a)).mul_(b)
+            torch.mm(h, w2[e].t(), out=y_ND[rows])
+        ctx.save_for_backward(x_ND, w1, w3, w2, a_NF, b_NF)
+        ctx.counts_host = counts_host
+        return y_ND
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy_ND):
+        x_ND, w1, w3, w2, a_NF, b_NF = ctx.saved_tensors
+        dy_ND = dy_ND.contiguous()
+        dx_ND, dw1, dw3, dw2 = (torch.empty_like(t) for t in (x_ND, w1, w3, w2))
+        s_buf, h_buf, dh_buf = (a_NF.new_empty(max(ctx.counts_host) * a_NF.shape[1]) for _ in range(3))
+        for e, rows in enumerate(row_slices(ctx.counts_host)):
+            x, a, b, dy = x_ND[rows], a_NF[rows], b_NF[rows], dy_ND[rows]
+            if x.shape[0] == 0:  # an expert without rows gets exactly zero gradient
+                for dw in (dw1, dw3, dw2):
+                    dw[e].zero_()
+                continue
+            s = torch.ops.aten.silu.out(a, out=s_buf[: a.numel()].view_as(a))
+            h = torch.mul(s, b, out=h_buf[: a.numel()].view_as(a))
+            torch.mm(dy.t(), h, out=dw2[e])
+            dh = torch.mm(dy, w2[e], out=dh_buf[: a.numel()].view_as(a))
+            db = torch.mul(dh, s, out=h)  # h is spent
+            da = torch.ops.aten.silu_backward.grad_input(dh.mul_(b), a, grad_input=s)  # s is spent
+            torch.mm(da.t(), x, out=dw1[e])
+            torch.mm(db.t(), x, out=dw3[e])
+            torch.mm(da, w1[e], out=dx_ND[rows]).addmm_(db, w3[e])
+        return dx_ND, dw1, dw3, dw2, None
+
+
+def row_slices(counts):
+    """The slices of rows sorted by group, from the rows per group (a list)."""
+    start = 0
+    for n in counts:
+        yield slice(start, start + n)
+        start += n
+
+
+# On a CPU, "auto" takes grouped_mm for experts with fewer weights than this (D * F of one matrix) and
+# the manual loop for larger ones: with small matrices one expert's matmuls are too small to run near
+# the peak alone, and grouped_mm's single call wins; with large ones the loop's elementwise ops run on
+# one expert's slice while it is still in cache, where grouped_mm's run over all N x F at once.
+# Measured (2 threads, fwd+bwd, grouped / manual time): D = 128 (F = 192, 384): 0.83-0.95 at 128-512
+# rows per expert; D = 256 (F = 704): 1.04-1.16 at 128-512 rows; D = 512 (F = 1408): 1.04-1.22.
+CPU_GROUPED_MAX_WEIGHT = 1 << 17
+
+# WeightedCombine's chunk: 1,024 slots of D = 512 in float32 are 2 MiB, the L2 of the 2-core CPU measured on.
+COMBINE_ROWS = 1024
 
 # grouped_mm's fast CUDA kernels exist for Hopper (sm90: H100, H200) and datacenter Blackwell (sm100:
 # B200) only. On other GPUs (A100 sm80, L40S / RTX 4090 sm89, sm120) torch runs it as a loop over
@@ -345,6 +429,36 @@ def grouped_mm_dtype(x_ND, w_EFD, require_fast=True):
     return dtype if aligned else None
 
 
+class WeightedCombine(torch.autograd.Function):
+    """MoE's combine on a CPU: y_TD[t] = sum over t's kept slots n of weight_N[n] * y_ND[n] (eq. 2's
+    weighted sum), the same expression as the plain index_add in MoE.forward, done in chunks of
+    `chunk` slots so that each chunk's weighted rows are added while still in cache, and with the
+    backward in one pass per chunk (gather dy's rows, the weights' gradient dy . y, then scale them).
+    Autograd makes three full passes over N x D for it, each into fresh memory."""
+
+    @staticmethod
+    def forward(ctx, y_ND, weight_N, token_N, T, chunk=COMBINE_ROWS):
+        N = y_ND.shape[0]
+        chunks = [chunk] * (N // chunk) + [N % chunk]
+        y_TD = y_ND.new_zeros(T, y_ND.shape[1])
+        for rows in row_slices(chunks):
+            y_TD.index_add_(0, token_N[rows], y_ND[rows] * weight_N[rows, None])
+        ctx.save_for_backward(y_ND, weight_N, token_N)
+        ctx.chunks = chunks
+        return y_TD
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy_TD):
+        y_ND, weight_N, token_N = ctx.saved_tensors
+        dy_ND, dweight_N = torch.empty_like(y_ND), torch.empty_like(weight_N)
+        for rows in row_slices(ctx.chunks):
+            dy = torch.index_select(dy_TD, 0, token_N[rows], out=dy_ND[rows])
+            torch.sum(dy * y_ND[rows], 1, out=dweight_N[rows])
+            dy.mul_(weight_N[rows, None])
+        return dy_ND, dweight_N, None, None, None
+
+
 class MoE(nn.Module):
     """Router -> dispatch (gather kept tokens in expert order) -> experts -> combine (weighted
     index_add back to token positions). A dropped (token, expert) slot adds nothing: the block's
@@ -378,7 +492,11 @@ class MoE(nn.Module):
         # ~2x faster on CPU than indexing's accumulating index_put
         y_ND = self.experts(x_TD.index_select(0, token_N), r.counts_E)
         # combine in the experts' dtype (bf16 under autocast, like the dense MLP's output)
-        y_TD = y_ND.new_zeros(T, D).index_add_(0, token_N, y_ND * weight_N.unsqueeze(1).to(y_ND.dtype))
+        weight_N = weight_N.to(y_ND.dtype)
+        if y_ND.device.type == "cpu" and not torch.compiler.is_compiling():
+            y_TD = WeightedCombine.apply(y_ND, weight_N, token_N, T)
+        else:  # one pass: a GPU wants few launches, and inductor fuses the product into the index_add
+            y_TD = y_ND.new_zeros(T, D).index_add_(0, token_N, y_ND * weight_N.unsqueeze(1))
         return y_TD.view(B, L, D), r
 
 

@@ -94,6 +94,8 @@ def test_peer_comparison_agrees_and_times_every_implementation():
         "ours / faster transformers",
         "transformers eager ms",
         "transformers grouped_mm ms",
+        "expert matmuls ms",
+        "matmuls / ours",
     ):
         assert positive(r[key]), (key, r)
     assert r["ours / faster transformers"] == pytest.approx(
@@ -103,7 +105,14 @@ def test_peer_comparison_agrees_and_times_every_implementation():
 
 def test_peer_check_catches_a_different_function():
     fns = bench.peer_variants(bench.LayerCase(n_expert=4, tokens=64, n_embd=32), CPU)
-    assert set(fns) == {"dense", "ours", "ours, loop", "transformers eager", "transformers grouped_mm"}
+    assert set(fns) == {
+        "dense",
+        "ours",
+        "ours, loop",
+        "transformers eager",
+        "transformers grouped_mm",
+        "expert matmuls",
+    }
     moe = bench.MoE(bench.ModelConfig(n_embd=32, n_head=1, n_expert=4, capacity_factor=0, gate_norm=False))
     torch.nn.init.normal_(moe.router.weight)
     blocks = bench.peer_blocks(moe)

@@ -151,37 +151,59 @@ def test_skywork_presets_parameter_counts(preset, total, active):
 
 
 # -----------------------------------------------------------------------------
-# the two expert implementations (model.Experts.impl): grouped_mm == the per-expert loop
+# the three expert implementations (model.Experts.impl): grouped_mm == manual == the per-expert loop
 
 
-def experts_pair(E=4, D=32, Fh=48):
+def experts_pair(E=4, D=32, Fh=48, impl="grouped"):
     from model import Experts
 
     torch.manual_seed(5)
     loop = Experts(E, D, Fh)
     for w in loop.parameters():
         torch.nn.init.normal_(w, std=0.1)
-    grouped = copy.deepcopy(loop)
-    loop.impl, grouped.impl = "loop", "grouped"
-    return loop, grouped
+    other = copy.deepcopy(loop)
+    loop.impl, other.impl = "loop", impl
+    return loop, other
 
 
+@pytest.mark.parametrize("impl,dtype", [("grouped", torch.float), ("manual", torch.float), ("manual", torch.double)])
 @pytest.mark.parametrize("counts", [[5, 0, 7, 4], [0, 0, 16, 0], [1, 1, 1, 1]])
-def test_grouped_mm_experts_equal_loop_fp32(counts):
-    loop, grouped = experts_pair()
+def test_experts_equal_the_loop(counts, impl, dtype):
+    loop, other = experts_pair(impl=impl)
+    loop.to(dtype), other.to(dtype)
     counts_E = torch.tensor(counts)
-    x = torch.randn(sum(counts), 32)
+    x = torch.randn(sum(counts), 32, dtype=dtype)
     outs = []
-    for ex in (loop, grouped):
+    for ex in (loop, other):
         xi = x.clone().requires_grad_()
         y = ex(xi, counts_E)
         y.sum().backward()  # an expanded (stride 0) gradient: grouped_mm's backward needs it made dense
         outs.append((y, xi.grad, ex.w1.grad, ex.w3.grad, ex.w2.grad))
+    tol = 1e-5 if dtype == torch.float32 else 1e-13
     for a, b in zip(*outs):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
     for e, c in enumerate(counts):  # an expert without tokens gets exactly zero gradient
         if c == 0:
-            assert grouped.w1.grad[e].abs().max() == 0 and grouped.w2.grad[e].abs().max() == 0
+            assert other.w1.grad[e].abs().max() == 0 and other.w2.grad[e].abs().max() == 0
+
+
+def test_manual_experts_and_cpu_combine_pass_gradcheck():
+    # the two hand-written backwards against finite differences, in float64: every input, experts
+    # with no rows, and the combine in chunks smaller than N (a token's two slots in different chunks)
+    from model import SwiGLUExperts, WeightedCombine
+
+    torch.manual_seed(0)
+    E, D, Fh, counts = 3, 4, 6, [2, 0, 3]
+    w1, w3 = torch.randn(E, Fh, D, dtype=torch.float64), torch.randn(E, Fh, D, dtype=torch.float64)
+    w2, x = torch.randn(E, D, Fh, dtype=torch.float64), torch.randn(5, D, dtype=torch.float64)
+    args = [t.requires_grad_() for t in (x, w1, w3, w2)]
+    assert torch.autograd.gradcheck(lambda *a: SwiGLUExperts.apply(*a, counts), args)
+    y = torch.randn(7, D, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(7, dtype=torch.float64, requires_grad=True)
+    token = torch.tensor([0, 2, 3, 1, 0, 2, 3])
+    assert torch.autograd.gradcheck(lambda y, w: WeightedCombine.apply(y, w, token, 5, 3), [y, weight])
+    reference = torch.zeros(5, D, dtype=torch.float64).index_add_(0, token, y * weight[:, None])
+    assert torch.equal(WeightedCombine.apply(y, weight, token, 5, 3), reference)
 
 
 def test_expert_impl_choice():
@@ -189,28 +211,33 @@ def test_expert_impl_choice():
 
     loop, grouped = experts_pair()
     assert grouped_mm_dtype(torch.randn(3, 32), grouped.w1) == torch.float32
-    # the fp64 tests take the loop
+    # grouped_mm has no float64
     assert grouped_mm_dtype(torch.randn(3, 32, dtype=torch.float64), grouped.w1.double()) is None
     assert grouped_mm_dtype(torch.randn(3, 30), torch.randn(4, 48, 30)) is None  # rows not 16-byte aligned
     with pytest.raises(ValueError, match="use impl='loop'"):
         grouped.double()(torch.randn(3, 32, dtype=torch.float64), torch.tensor([3, 0, 0, 0]))
-    # auto picks grouped in fp32 and the loop in fp64; no rows at all is fine either way
+    # no rows at all is fine whatever auto picks
     auto = copy.deepcopy(loop)
     auto.impl = "auto"
     assert auto(torch.zeros(0, 32), torch.zeros(4, dtype=torch.long)).shape == (0, 32)
 
 
-def test_auto_takes_the_loop_on_cpu_when_experts_get_many_rows(monkeypatch):
-    from model import CPU_LOOP_ROWS, Experts
+@pytest.mark.parametrize(
+    "D,Fh,dtype,autocast,expected",
+    [
+        (32, 48, torch.float32, False, "grouped"),  # small experts: grouped_mm
+        (512, 256, torch.float32, False, "manual"),  # D * F = CPU_GROUPED_MAX_WEIGHT: the manual loop
+        (32, 48, torch.float64, False, "manual"),  # grouped_mm has no float64
+        (512, 256, torch.float32, True, "loop"),  # CPU autocast: autograd's loop
+    ],
+)
+def test_auto_picks_the_cpu_implementation(D, Fh, dtype, autocast, expected):
+    from model import CPU_GROUPED_MAX_WEIGHT, Experts
 
-    ex = Experts(2, 32, 48)
-    torch.nn.init.normal_(ex.w1)
-    calls = []
-    monkeypatch.setattr(Experts, "forward_loop", lambda self, *a: calls.append("loop") or a[0])
-    monkeypatch.setattr(Experts, "forward_grouped", lambda self, *a: calls.append("grouped") or a[0])
-    for rows in (2 * CPU_LOOP_ROWS - 2, 2 * CPU_LOOP_ROWS):  # E = 2 experts
-        ex(torch.zeros(rows, 32), torch.tensor([rows // 2, rows // 2]))
-    assert calls == ["grouped", "loop"]
+    assert 512 * 256 == CPU_GROUPED_MAX_WEIGHT
+    ex = Experts(2, D, Fh).to(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert ex.choose_impl(torch.zeros(4, D, dtype=dtype))[0] == expected
 
 
 class FakeCudaRows:
