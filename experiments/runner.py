@@ -394,11 +394,12 @@ def gpu_hours(flops_per_token, tokens):
 def read_vocab_size(data_dir, dataset):
     """The dataset's vocabulary by train.py's reader, or GPT-2's before FineWeb is prepared."""
     from dataset import read_vocab_size as read
+    from model import padded_vocab_size
     from train import TrainConfig
 
     tcfg = TrainConfig(data_dir=data_dir, dataset=dataset)
     if not os.path.isfile(os.path.join(data_dir, dataset, "meta.json")):
-        return GPT2_VOCAB
+        return padded_vocab_size(GPT2_VOCAB)  # the rows train.py builds for it, as read() would say
     return read(tcfg)
 
 

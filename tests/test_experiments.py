@@ -211,11 +211,14 @@ def test_full_dry_run_plan(module):
 
     lines, plans = dry_run(module)
     assert len(plans) >= 3
+    # the vocabulary the plan counts without FineWeb prepared: GPT-2's, padded as train.py pads it
+    vocab = runner.read_vocab_size("/nonexistent", "fineweb")
+    assert vocab == 50304
     reached = {}
     for m, command in plans:
         argv = shlex.split(command)
         assert argv[:4] == ["torchrun", "--standalone", "--nproc_per_node=8", "train.py"]
-        model_cfg, train_cfg = runner.load_job_config(dict(a.split("=", 1) for a in argv[4:]), runner.GPT2_VOCAB)
+        model_cfg, train_cfg = runner.load_job_config(dict(a.split("=", 1) for a in argv[4:]), vocab)
         assert train_cfg.dataset == "fineweb" and train_cfg.batch_size % 8 == 0
         counts = count_params_meta(model_cfg)  # model.py's own accounting
         assert int(m.group(2).replace(",", "")) == counts["total"]
@@ -234,12 +237,12 @@ def test_full_dry_run_plan(module):
             assert train_cfg.ep_size == 8 and model_cfg.n_expert % train_cfg.ep_size == 0
     assert "GPU-hours" in lines[-1] and f"{runner.GPU_MFU:.0%} MFU" in lines[1]
     if module is not upcycling:  # the paper's gate-normalization model: 2.5B total, 16 experts, top-2
-        cfg = runner.load_job_config(dict(a.split("=", 1) for a in shlex.split(plans[0][1])[4:]), runner.GPT2_VOCAB)[0]
+        cfg = runner.load_job_config(dict(a.split("=", 1) for a in shlex.split(plans[0][1])[4:]), vocab)[0]
         assert (cfg.n_expert, cfg.top_k) == (16, 2)
         assert count_params_meta(cfg)["total"] == pytest.approx(2.5e9, rel=0.05)
     else:  # the paper's 0.3B dense model, then 8 experts top-2, budgets in units of the dense cost
         dense = [(m, c) for m, c in plans if m.group(1).startswith("dense")]
-        cfg = runner.load_job_config(dict(a.split("=", 1) for a in shlex.split(dense[0][1])[4:]), runner.GPT2_VOCAB)[0]
+        cfg = runner.load_job_config(dict(a.split("=", 1) for a in shlex.split(dense[0][1])[4:]), vocab)[0]
         assert cfg.n_expert == 0 and count_params_meta(cfg)["total"] == pytest.approx(0.3e9, rel=0.10)
         moe = [c for m, c in plans if not m.group(1).startswith("dense")]
         assert all("n_expert=8" in c and "top_k=2" in c for c in moe)
@@ -264,7 +267,7 @@ def test_script_form_and_cli_errors():
         cwd="/",
         check=False,
     )
-    assert out.returncode == 0 and "2,485,586,944 total" in out.stdout
+    assert out.returncode == 0 and "2,485,683,200 total" in out.stdout
     with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(io.StringIO()):
         gate_norm.main(["--scale", "small", "--dry-run"])
     assert e.value.code == 2
