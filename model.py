@@ -257,6 +257,8 @@ class Experts(nn.Module):
                 f"grouped_mm does not run on {x_ND.device.type} {x_ND.dtype} with D, F = "
                 f"{self.w1.shape[2]}, {self.w1.shape[1]}: use impl='loop'"
             )
+        if self.impl == "manual" and x_ND.dtype != self.w1.dtype:
+            raise ValueError(f"impl='manual' needs rows in the weights' dtype, not {x_ND.dtype}: use impl='loop'")
         if self.impl != "auto":
             return self.impl, dtype
         if x_ND.device.type != "cpu":

@@ -216,6 +216,10 @@ def test_expert_impl_choice():
     assert grouped_mm_dtype(torch.randn(3, 30), torch.randn(4, 48, 30)) is None  # rows not 16-byte aligned
     with pytest.raises(ValueError, match="use impl='loop'"):
         grouped.double()(torch.randn(3, 32, dtype=torch.float64), torch.tensor([3, 0, 0, 0]))
+    loop.impl = "manual"
+    with pytest.raises(ValueError, match="use impl='loop'"):  # rows cast by autocast, weights not
+        loop(torch.randn(3, 32, dtype=torch.bfloat16), torch.tensor([3, 0, 0, 0]))
+    loop.impl = "loop"
     # no rows at all is fine whatever auto picks
     auto = copy.deepcopy(loop)
     auto.impl = "auto"
