@@ -236,13 +236,7 @@ def claims(summary):
     lines, out = [], []
 
     def line(text, effects, digits):  # the paper publishes no adaptive-vs-fixed comparison: our hypotheses
-        verdict = an.verdict_words(an.verdict(effects, +1), ours=True)
-        m, s = an.mean_sd(effects)
-        out.append({"claim": text, "effects": effects, "mean": m, "sd": s, "verdict": verdict, "ours": True})
-        lines.append(
-            f"- (ours) {text}: {m:+.{digits}f} ± {s:.{digits}f} (seeds: {an.fmt_seeds(effects, digits)}) "
-            f"-> **{verdict}**"
-        )
+        lines.append(an.claim_line(out, text, effects, digits=digits, ours=True))
 
     for k in ("fixed_1e-2", "fixed_1e-3"):
         if k in v and "adaptive" in v:

@@ -162,6 +162,18 @@ def verdict_words(verdict, ours):
     return OUR_WORDS.get(verdict, verdict) if ours else verdict
 
 
+def claim_line(records, text, effects, sign=+1, digits=3, unit="", ours=False):
+    """One claim scored by the rule (verdict) from its per-seed effects: appends its record to records
+    (for the results .json) and returns its markdown line: mean ± sd, every seed, the verdict."""
+    word = verdict_words(verdict(effects, sign), ours)
+    m, s = mean_sd(effects)
+    records.append({"claim": text, "effects": effects, "mean": m, "sd": s, "verdict": word, "ours": ours})
+    return (
+        f"- {'(ours) ' if ours else ''}{text}: {m:+.{digits}f} ± {s:.{digits}f}{unit} "
+        f"(seeds: {fmt_seeds(effects, digits)}) -> **{word}**"
+    )
+
+
 def paired(by_variant, key, variant, base, scale=1.0):
     """variant - base of `key`, paired by seed: the list of per-seed differences."""
     b = {r["seed"]: r[key] for r in by_variant.get(base, [])}

@@ -263,14 +263,8 @@ def claims(summary):
     v = summary["variants"]
     out = []
 
-    def line(text, effects, sign=+1, digits=3, unit="", ours=False):
-        verdict = an.verdict_words(an.verdict(effects, sign), ours)
-        m, s = an.mean_sd(effects)
-        out.append({"claim": text, "effects": effects, "mean": m, "sd": s, "verdict": verdict, "ours": ours})
-        return (
-            f"- {'(ours) ' if ours else ''}{text}: {m:+.{digits}f} ± {s:.{digits}f}{unit} "
-            f"(seeds: {an.fmt_seeds(effects, digits)}) -> **{verdict}**"
-        )
+    def line(*args, **kw):
+        return an.claim_line(out, *args, **kw)
 
     lines = []
     if "no_norm" in v:

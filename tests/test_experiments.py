@@ -99,6 +99,32 @@ def test_upcycling_smoke(tmp_path, char_data_dir):
     # the D/3 checkpoint is the dense run's state at D/3 (phase 1 stopped there on the D-long cosine)
     dense = analysis.read_metrics(tmp_path / "dense_s1337")
     assert [e["iter"] for e in dense["evals"]][-1] == upcycling.DENSE_ITERS["smoke"]
+    assert len(summary["claims"]) == 8  # 4 runs against from scratch, 4 similarity decays
+    assert {c["verdict"] for c in summary["claims"]} <= {"inconclusive at this scale"}  # one seed decides nothing
+
+
+def test_upcycling_claims_take_the_papers_order():
+    # two seeds in which every upcycled run ends 0.1 below from scratch and its experts' similarity falls
+    # 1.0 -> 0.9: the paper found its D/3, peak-1.8e-3 run ahead of from scratch (reproduces here) and
+    # from scratch ahead of the other three (does not reproduce)
+    rows = {}
+    for name, budget, source, _, label in upcycling.MOE_RUNS:
+        for b in ["D/3", "D"] if name == "up_D_const3e-4" else [budget]:
+            up = source != "scratch"
+            runs = [
+                {
+                    "seed": s,
+                    "val_loss": 2.0 - 0.1 * up + 0.01 * i,
+                    "similarity_start": 1.0 * up,
+                    "similarity_end": 0.9 * up,
+                }
+                for i, s in enumerate((1337, 1338))
+            ]
+            rows[f"{b}|{name}"] = {"budget": b, "name": name, "label": label, "source": source, "runs": runs}
+    _, records = upcycling.claims({"rows": rows, "dense_val_loss": {1337: 2.1, 1338: 2.1}})
+    order = [c["verdict"] for c in records if "from scratch minus it" in c["claim"]]
+    assert order == ["reproduces", "does not reproduce", "does not reproduce", "does not reproduce"]
+    assert [c["effects"] for c in records if "similarity decays" in c["claim"]] == [[pytest.approx(0.1)] * 2] * 4
 
 
 def test_balance_loss_smoke_gradient_scale(tmp_path, char_data_dir):
