@@ -97,7 +97,7 @@ PAPER = {
 }
 PAPER_DENSE = "~2.44"
 VARIANTS = {name: keys for name, _, _, keys, _ in MOE_RUNS}
-DEFAULT_SEEDS = 1
+DEFAULT_SEEDS = 3
 COST_UNIT = "dense"  # --dry-run states every budget as a fraction of the dense run's cost
 PLAN_NOTES = (
     "Smaller than the paper: D = 30B tokens against 300B (a tenth, to fit ~300 GPU-hours instead of ~3,000); "
