@@ -10,6 +10,8 @@ are for missing hardware (a GPU, NCCL).
                                for the BPE pipelines offline (pass sha256=None: it is not GPT-2's)
     gpt2_ranks_path()          GPT-2's r50k_base.tiktoken if one is on this machine, else None
     load_run_config(argv)      (ModelConfig, TrainConfig, sources), as train.py reads its arguments
+    ONE_THREAD                 the environment for a script run as a subprocess (one thread, unbuffered)
+    one_stderr_line(p)         a finished subprocess failed with exit 1 and one line, no traceback: that line
 """
 
 import base64
@@ -23,6 +25,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 SAMPLE_TEXT = os.path.join(REPO, "tests", "data", "shakespeare_sample.txt")
 
 
@@ -34,6 +37,12 @@ def load_run_config(argv):
 
     (model_cfg, tcfg), sources = load_config(argv, [ModelConfig, TrainConfig])
     return model_cfg, tcfg, sources
+
+
+def one_stderr_line(p):
+    """What every command line promises on a bad input: exit status 1 and one line on stderr, no traceback."""
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
+    return p.stderr.rstrip("\n")
 
 
 def load_script(path, name):

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, one_stderr_line
 from export import ExportError, export_state, import_hf
 from model import GPT, ModelConfig
 
@@ -148,8 +148,7 @@ def test_command_line(tmp_path):
     assert torch.equal(state["blocks.1.ffn.experts.w3"], model_of(cfg).state_dict()["blocks.1.ffn.experts.w3"])
 
     def one_line_error(p, text):
-        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
-        assert len(p.stderr.strip().splitlines()) == 1 and text in p.stderr, p.stderr
+        assert text in one_stderr_line(p), p.stderr
 
     one_line_error(export_cli("--from", tmp_path, "--out", tmp_path / "hf"), "exists: choose another --out")
     assert export_cli("--from", tmp_path, "--out", tmp_path / "hf", "--overwrite").returncode == 0

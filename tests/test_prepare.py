@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, SAMPLE_TEXT, load_script
+from conftest import REPO, SAMPLE_TEXT, load_script, one_stderr_line
 
 CHAR = "data/shakespeare_char/prepare.py"
 BPE = "data/shakespeare/prepare.py"
@@ -39,10 +39,9 @@ def run_offline(script, *args, cwd=REPO):
 
 
 def one_line_error(p):
-    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
-    return lines[0]
+    line = one_stderr_line(p)
+    assert line.startswith("error: "), line
+    return line
 
 
 # -----------------------------------------------------------------------------
