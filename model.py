@@ -233,9 +233,11 @@ class Experts(nn.Module):
 
     def __init__(self, n_expert, n_embd, hidden):
         super().__init__()
-        self.w1 = nn.Parameter(torch.empty(n_expert, hidden, n_embd))
-        self.w3 = nn.Parameter(torch.empty(n_expert, hidden, n_embd))
-        self.w2 = nn.Parameter(torch.empty(n_expert, n_embd, hidden))
+        # zeros, not torch.empty: a layer built outside GPT holds defined values until its weights are
+        # drawn (GPT.init_weights), and zeros take nothing from the RNG, so GPT's draws are unchanged
+        self.w1 = nn.Parameter(torch.zeros(n_expert, hidden, n_embd))
+        self.w3 = nn.Parameter(torch.zeros(n_expert, hidden, n_embd))
+        self.w2 = nn.Parameter(torch.zeros(n_expert, n_embd, hidden))
         self.impl = "auto"
 
     def compute_dtype(self, x_ND):

@@ -285,7 +285,7 @@ class Router(nn.Module):
         self.gate_norm, self.gate_lambda = gate_norm, gate_lambda
         self.aux_loss_type = aux_loss
         self.aux_free_bias = aux_free_bias
-        self.weight = nn.Parameter(torch.empty(n_expert, n_embd))
+        self.weight = nn.Parameter(torch.zeros(n_expert, n_embd))  # defined until drawn; see model.Experts
         self.register_buffer("selection_bias_E", torch.zeros(n_expert))
 
     def forward(self, x_TD, n_group=1):

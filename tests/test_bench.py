@@ -113,8 +113,11 @@ def test_peer_check_catches_a_different_function():
         "transformers grouped_mm",
         "expert matmuls",
     }
+    torch.manual_seed(0)
     moe = bench.MoE(bench.ModelConfig(n_embd=32, n_head=1, n_expert=4, capacity_factor=0, gate_norm=False))
     torch.nn.init.normal_(moe.router.weight)
+    for w in moe.experts.parameters():
+        torch.nn.init.normal_(w, std=0.1)
     blocks = bench.peer_blocks(moe)
     with torch.no_grad():
         blocks["eager"].experts.down_proj.mul_(2)  # a wrong weight must show
