@@ -332,35 +332,38 @@ class SwiGLUExperts(torch.autograd.Function):
     What autograd's loop does on top of the same nine matmuls, this one does not: concatenate the E
     outputs and stack the E weight gradients (each result is written into its slice of one tensor),
     allocate fresh (n, F) temporaries per expert (one scratch set is reused; on a CPU fresh memory
-    costs page faults), and save s and h besides a and b (they are recomputed). On a CPU, T = 8192,
-    D = 512 (bench.py (a), (d), (e)): as fast as forward_loop at E = 8 and 16 (-1 to +4 %, within the
-    noise), 5-15 % faster at E = 64, and the layer saves 0.70x the dense layer's activations, not 1.27x.
+    costs page faults), and save s and h besides a and b (they are recomputed). a and b are saved per
+    expert, not as slices of one (N, F) tensor: glibc's malloc serves blocks over 32 MB with a fresh
+    mmap, page-faulted in on every step (92 MB at E = 8, T = 8192: about 26 ms of faults), while one
+    expert's blocks come back from its heap (3-4 % of the layer at E = 8, 16 and 64, measured). On a
+    CPU, T = 8192, D = 512 (bench.py (a), (d), (e)): as fast as forward_loop at E = 8 and 16, faster at
+    E = 64, and the layer saves 0.70x the dense layer's activations, not 1.27x.
     counts_host: the rows per expert, a list."""
 
     @staticmethod
     def forward(ctx, x_ND, w1, w3, w2, counts_host):
-        N, F_ = x_ND.shape[0], w1.shape[1]
-        a_NF, b_NF, y_ND = x_ND.new_empty(N, F_), x_ND.new_empty(N, F_), torch.empty_like(x_ND)
-        scratch = x_ND.new_empty(max(counts_host) * F_)
+        y_ND = torch.empty_like(x_ND)
+        scratch = x_ND.new_empty(max(counts_host) * w1.shape[1])
+        ab = []  # a_0, b_0, a_1, b_1, ...: (n_e, F) each
         for e, rows in enumerate(row_slices(counts_host)):
-            x, a, b = x_ND[rows], a_NF[rows], b_NF[rows]
-            torch.mm(x, w1[e].t(), out=a)
-            torch.mm(x, w3[e].t(), out=b)
+            x = x_ND[rows]
+            a, b = x @ w1[e].t(), x @ w3[e].t()
             h = torch.ops.aten.silu.out(a, out=scratch[: a.numel()].view_as(a)).mul_(b)
             torch.mm(h, w2[e].t(), out=y_ND[rows])
-        ctx.save_for_backward(x_ND, w1, w3, w2, a_NF, b_NF)
+            ab += [a, b]
+        ctx.save_for_backward(x_ND, w1, w3, w2, *ab)
         ctx.counts_host = counts_host
         return y_ND
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy_ND):
-        x_ND, w1, w3, w2, a_NF, b_NF = ctx.saved_tensors
+        x_ND, w1, w3, w2, *ab = ctx.saved_tensors
         dy_ND = dy_ND.contiguous()
         dx_ND, dw1, dw3, dw2 = (torch.empty_like(t) for t in (x_ND, w1, w3, w2))
-        s_buf, h_buf, dh_buf = (a_NF.new_empty(max(ctx.counts_host) * a_NF.shape[1]) for _ in range(3))
+        s_buf, h_buf, dh_buf = (x_ND.new_empty(max(ctx.counts_host) * w1.shape[1]) for _ in range(3))
         for e, rows in enumerate(row_slices(ctx.counts_host)):
-            x, a, b, dy = x_ND[rows], a_NF[rows], b_NF[rows], dy_ND[rows]
+            x, a, b, dy = x_ND[rows], ab[2 * e], ab[2 * e + 1], dy_ND[rows]
             if x.shape[0] == 0:  # an expert without rows gets exactly zero gradient
                 for dw in (dw1, dw3, dw2):
                     dw[e].zero_()
