@@ -335,7 +335,7 @@ class SwiGLUExperts(torch.autograd.Function):
     costs page faults), and save s and h besides a and b (they are recomputed). a and b are saved per
     expert, not as slices of one (N, F) tensor: glibc's malloc serves blocks over 32 MB with a fresh
     mmap, page-faulted in on every step (92 MB at E = 8, T = 8192: about 26 ms of faults), while one
-    expert's blocks come back from its heap (3-4 % of the layer at E = 8, 16 and 64, measured). On a
+    expert's blocks come back from its heap (3-4 % of the layer at T = 8192, E = 8, 16, 64). On a
     CPU, T = 8192, D = 512 (bench.py (a), (d), (e)): as fast as forward_loop at E = 8 and 16, faster at
     E = 64, and the layer saves 0.70x the dense layer's activations, not 1.27x.
     counts_host: the rows per expert, a list."""

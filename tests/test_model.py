@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from config import load_config
-from model import GPT, ModelConfig, count_params_meta
+from model import GPT, ModelConfig, MoE, count_params_meta
 
 
 def tiny(**kw):
@@ -128,6 +128,17 @@ def test_moe_layer_placement():
     assert cfg.moe_layer_ids == [1, 3]
     model = GPT(cfg)
     assert [b.is_moe for b in model.blocks] == [False, True, False, True]
+
+
+def test_moe_layer_built_alone_is_defined_and_draws_nothing():
+    # Experts and Router start from zeros (torch.empty left whatever memory held: NaNs at times), and
+    # building them takes nothing from the RNG, so GPT.init_weights draws the same weights as before
+    state = torch.random.get_rng_state()
+    moe = MoE(tiny())
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all((p == 0).all() for p in moe.parameters())
+    y, _ = moe(torch.randn(1, 8, 32))
+    assert torch.equal(y, torch.zeros_like(y))
 
 
 def test_active_parameter_accounting():
